@@ -1,0 +1,1 @@
+"""mixerlab's models: mixers, blocks and language models. Knows nothing of Optuna or experiments."""

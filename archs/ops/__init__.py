@@ -1,0 +1,1 @@
+"""Kernels behind the mixers: each fast path sits beside its slow reference."""

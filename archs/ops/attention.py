@@ -1,0 +1,103 @@
+"""Causal attention kernels on ``q: (B, H, Tq, hd)``, ``k, v: (B, Hkv, Tk, hd)`` with ``Tk >= Tq``.
+
+Queries are aligned to the end of the keys ("bottom-right"): query ``i`` sits at position ``Tk - Tq + i`` and
+sees keys ``j <= Tk - Tq + i`` (and ``j > Tk - Tq + i - window`` with a window). This one convention covers a
+full forward (``Tq == Tk``), a prefill after cached tokens, and one-token decoding.
+
+- `attention_math`: the reference — materialises the ``(Tq, Tk)`` scores and the softmax. O(T^2) memory.
+- `attention_sdpa`: torch's fused ``scaled_dot_product_attention`` (a flash kernel on CPU when unmasked).
+- `attention_chunked`: exact softmax over query chunks; each chunk is recomputed in the backward pass
+  (activation checkpointing) when its key span grows with T, so memory is O(chunk · T) forward and backward;
+  with a window the key span is bounded and memory is O(T · (chunk + window)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from archs.positions import alibi_bias
+
+__all__ = ["attention_math", "attention_sdpa", "attention_chunked", "causal_mask", "repeat_kv"]
+
+
+def repeat_kv(x: Tensor, n_heads: int) -> Tensor:
+    """Expand ``(B, Hkv, T, hd)`` to ``(B, H, T, hd)`` for grouped-query attention."""
+    groups = n_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def causal_mask(tq: int, tk: int, window: int | None, device: torch.device, q_start: int | None = None,
+                k_start: int = 0) -> Tensor:
+    """Boolean ``(tq, tk)`` mask, True where query may see key (bottom-right aligned unless q_start given)."""
+    q0 = tk - tq if q_start is None else q_start
+    qi = torch.arange(q0, q0 + tq, device=device)[:, None]
+    kj = torch.arange(k_start, k_start + tk, device=device)[None, :]
+    allowed = kj <= qi
+    if window is not None:
+        allowed &= kj > qi - window
+    return allowed
+
+
+def attention_math(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
+                   alibi: Tensor | None = None) -> Tensor:
+    """Reference causal attention with a materialised softmax. ``alibi``: (H,) slopes or None."""
+    tq, tk, hd = q.shape[2], k.shape[2], q.shape[3]
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, H, Tq, Tk)
+    pos_q = torch.arange(tk - tq, tk, device=q.device)
+    pos_k = torch.arange(tk, device=q.device)
+    if alibi is not None:
+        scores = scores + alibi_bias(alibi.to(scores.dtype), pos_q, pos_k)
+    mask = causal_mask(tq, tk, window, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v  # (B, H, Tq, hd)
+
+
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
+                   alibi: Tensor | None = None) -> Tensor:
+    """torch's fused attention; unmasked causal calls reach the flash kernel (CPU and CUDA)."""
+    tq, tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if window is None and alibi is None and (tq == tk or tq == 1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=tq == tk and tq > 1, enable_gqa=gqa)
+    mask = causal_mask(tq, tk, window, q.device)
+    if alibi is not None:
+        bias = alibi_bias(alibi.to(q.dtype), torch.arange(tk - tq, tk, device=q.device),
+                          torch.arange(tk, device=q.device))
+        mask = bias.masked_fill(~mask, float("-inf"))  # (H, Tq, Tk) float bias
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _chunk(q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, window: int | None,
+           alibi: Tensor | None) -> Tensor:
+    tq, tk, hd = q.shape[2], k.shape[2], q.shape[3]
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, H, c, S)
+    if alibi is not None:
+        scores = scores + alibi_bias(alibi.to(scores.dtype), torch.arange(q_start, q_start + tq, device=q.device),
+                                     torch.arange(k_start, k_start + tk, device=q.device))
+    mask = causal_mask(tq, tk, window, q.device, q_start=q_start, k_start=k_start)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def attention_chunked(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
+                      alibi: Tensor | None = None, chunk_size: int = 256) -> Tensor:
+    """Exact causal attention over query chunks, with memory linear in T (see the module docstring)."""
+    tq, tk = q.shape[2], k.shape[2]
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    offset = tk - tq
+    recompute = torch.is_grad_enabled() and window is None and any(t.requires_grad for t in (q, k, v))
+    outs = []
+    for s in range(0, tq, chunk_size):
+        e = min(s + chunk_size, tq)
+        k_hi = offset + e
+        k_lo = 0 if window is None else max(0, offset + s - window + 1)
+        args = (q[:, :, s:e], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], offset + s, k_lo, window, alibi)
+        outs.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
+    return torch.cat(outs, dim=2)

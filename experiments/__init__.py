@@ -1,0 +1,1 @@
+"""mixerlab's experiments: data, tasks, training, measurement, studies, reports and the `mixerlab` command."""
