@@ -289,10 +289,11 @@ class MixerRegistry(Registry[type]):
             obj.registered_name = name  # type: ignore[attr-defined]
 
     def _validate_plugin(self, name: str, obj: Any) -> None:
-        import torch.nn as nn
+        from archs.mixers.base import Mixer
 
-        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            raise TypeError(f"expected a torch.nn.Module subclass (the mixer class), got {obj!r}")
+        if not (isinstance(obj, type) and issubclass(obj, Mixer)):
+            raise TypeError(f"expected a subclass of archs.mixers.Mixer (implement __init__ and forward), "
+                            f"got {obj!r}")
         params = inspect.signature(obj.__init__).parameters
         if "d_model" not in params:
             raise TypeError(f"{obj.__qualname__}.__init__ must accept d_model (the mixer contract)")

@@ -1,0 +1,63 @@
+"""Shared test set-up.
+
+A real third-party plugin distribution (tests/plugins/toymix) is installed with pip into a temporary
+directory and put on sys.path before collection, so the registry-wide tests check it like a built-in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+PLUGIN_SRC = Path(__file__).parent / "plugins" / "toymix"
+
+
+def install_plugin(target: Path) -> None:
+    """pip-install the toy plugin distribution into ``target`` (no network, no build isolation)."""
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+           "--no-index", "--target", str(target), str(PLUGIN_SRC)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"installing the test plugin failed:\n{proc.stdout}\n{proc.stderr}")
+    for leftover in ("build",):
+        shutil.rmtree(PLUGIN_SRC / leftover, ignore_errors=True)
+    for egg in PLUGIN_SRC.glob("*.egg-info"):
+        shutil.rmtree(egg, ignore_errors=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    target = Path(tempfile.mkdtemp(prefix="mixerlab-plugin-"))
+    install_plugin(target)
+    sys.path.insert(0, str(target))
+    os.environ["MIXERLAB_TEST_PLUGIN_PATH"] = str(target)
+    from registry import MIXERS
+
+    MIXERS.refresh_plugins()
+    torch.set_flush_denormal(True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    target = os.environ.pop("MIXERLAB_TEST_PLUGIN_PATH", None)
+    if target:
+        shutil.rmtree(target, ignore_errors=True)
