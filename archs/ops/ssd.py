@@ -1,0 +1,183 @@
+"""Structured state-space duality (SSD), the scan of Mamba-2 (Dao & Gu 2024), in plain PyTorch.
+
+Per head ``h`` (in group ``g = h // (H / G)``, whose heads share ``B`` and ``C``), with a scalar decay per step:
+
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t ⊗ B_t        # (P, N)
+    y_t     = state_t @ C_t + D_h * x_t                              # (P,)
+
+Shapes: ``x: (Bt, T, H, P)``, ``dt: (Bt, T, H)`` (already positive: softplus and clamping are the caller's),
+``A: (H,)`` (negative), ``B, C: (Bt, T, G, N)``, ``D: (H,)`` or ``(H, P)`` or None, states ``(Bt, H, P, N)``.
+The state is carried in fp32; outputs come back in ``x.dtype``.
+
+- `ssd_reference`: the recurrence one step at a time (the oracle). Per-step slices are taken once with
+  ``unbind`` so that autograd stays O(T).
+- `ssd_chunked`: the SSD algorithm. The sequence is cut into chunks of ``chunk_size``; within a chunk the
+  output is a masked "attention with decay" ``(C Bᵀ ⊙ exp(segsum(dt·A))) (dt·x)`` done as matmuls, and a
+  state is carried from chunk to chunk. Linear in T for a fixed chunk size. T is padded to a multiple of the
+  chunk internally (padding has ``dt = 0``: no input, no decay), so results do not depend on the chunk size
+  beyond rounding, for any T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ssd_reference", "ssd_chunked", "ssd_step"]
+
+
+def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+           initial_state: Tensor | None) -> tuple[int, int, int, int, int, int]:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+    b, t, h, p = x.shape
+    if B.dim() != 4 or B.shape[:2] != (b, t) or C.shape != B.shape:
+        raise ValueError(f"B and C must be (batch, seqlen, ngroups, dstate) = ({b}, {t}, G, N), "
+                         f"got {tuple(B.shape)} and {tuple(C.shape)}")
+    g, n = B.shape[2:]
+    if h % g:
+        raise ValueError(f"ngroups={g} must divide nheads={h}")
+    if dt.shape != (b, t, h):
+        raise ValueError(f"dt must be (batch, seqlen, nheads) = {(b, t, h)}, got {tuple(dt.shape)}")
+    if A.shape != (h,):
+        raise ValueError(f"A must be (nheads,) = ({h},), got {tuple(A.shape)}")
+    if D is not None and D.shape not in ((h,), (h, p)):
+        raise ValueError(f"D must be (nheads,) or (nheads, headdim) = ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+    if initial_state is not None and initial_state.shape != (b, h, p, n):
+        raise ValueError(f"initial_state must be (batch, nheads, headdim, dstate) = {(b, h, p, n)}, "
+                         f"got {tuple(initial_state.shape)}")
+    return b, t, h, p, g, n
+
+
+#: exp(x) for x < -87.3 underflows fp32 (and is 4-10x slower than elsewhere in torch's CPU kernel)
+_EXP_MIN = -87.0
+
+
+def _exp(x: Tensor) -> Tensor:
+    """exp of a non-positive exponent, clamped where fp32 underflows."""
+    return torch.exp(x.clamp(min=_EXP_MIN))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs (for gradient checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
+    """``y + D * x`` with D per head ``(H,)`` or per channel ``(H, P)``."""
+    if D is None:
+        return y
+    d = D.to(y.dtype) if D.dim() == 2 else D.to(y.dtype)[:, None]  # (H, P) or (H, 1)
+    return y + x * d
+
+
+def ssd_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *,
+                  initial_state: Tensor | None = None,
+                  return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The SSD recurrence, one step at a time. Returns ``y`` and, if asked, the final state (fp32)."""
+    b, t, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    dtype, ct = x.dtype, _compute_dtype(x)
+    xf, dtf, Af = x.to(ct), dt.to(ct), A.to(ct)
+    Bf = B.to(ct).repeat_interleave(h // g, dim=2)  # (Bt, T, H, N)
+    Cf = C.to(ct).repeat_interleave(h // g, dim=2)
+    decay = torch.exp(dtf * Af)  # (Bt, T, H)
+    state = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
+    ys = []
+    for x_t, dt_t, a_t, b_t, c_t in zip(xf.unbind(1), dtf.unbind(1), decay.unbind(1), Bf.unbind(1), Cf.unbind(1)):
+        # x_t (Bt, H, P), dt_t/a_t (Bt, H), b_t/c_t (Bt, H, N)
+        state = state * a_t[:, :, None, None] + (x_t * dt_t[:, :, None])[:, :, :, None] * b_t[:, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, c_t))
+    if ys:
+        y = torch.stack(ys, dim=1)  # (Bt, T, H, P)
+    else:
+        y = xf.new_zeros(b, 0, h, p)
+    y = _skip(y, xf, D).to(dtype)
+    return (y, state) if return_final_state else y
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor) -> Tensor:
+    """One decoding step, updating ``state: (Bt, H, P, N)`` (fp32) in place.
+
+    ``x: (Bt, H, P)``, ``dt: (Bt, H)``, ``B, C: (Bt, G, N)``; returns ``y: (Bt, H, P)`` in ``x.dtype``.
+    """
+    h, g = x.shape[1], B.shape[1]
+    xf, dtf = x.to(state.dtype), dt.to(state.dtype)
+    Bf = B.to(state.dtype).repeat_interleave(h // g, dim=1)  # (Bt, H, N)
+    Cf = C.to(state.dtype).repeat_interleave(h // g, dim=1)
+    decay = torch.exp(dtf * A.to(state.dtype))  # (Bt, H)
+    state.mul_(decay[:, :, None, None]).add_((xf * dtf[:, :, None])[:, :, :, None] * Bf[:, :, None, :])
+    y = torch.einsum("bhpn,bhn->bhp", state, Cf)
+    return _skip(y, xf, D).to(x.dtype)
+
+
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *,
+                chunk_size: int = 64, initial_state: Tensor | None = None,
+                return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The chunked SSD algorithm (see the module docstring). Same arguments and results as `ssd_reference`."""
+    b, t, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dtype, ct = x.dtype, _compute_dtype(x)
+    hg = h // g  # heads per group
+    q = min(chunk_size, max(t, 1))
+    pad = (-t) % q
+    xf, dtf, Bf, Cf = x.to(ct), dt.to(ct), B.to(ct), C.to(ct)
+    if pad:
+        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
+        dtf = F.pad(dtf, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+    nc = (t + pad) // q
+
+    # decays within each chunk; every exponent below is <= 0 (A <= 0, dt >= 0)
+    a = (dtf * A.to(ct)).view(b, nc, q, h)  # (Bt, c, Q, H)
+    acum = a.cumsum(2)  # Σ_{j<=l} a_j
+    # Σ_{j>s} a_j, summed directly rather than as acum[-1] - acum[s], so its gradient has no cancellation
+    to_end = F.pad(a[:, :, 1:], (0, 0, 0, 1)).flip(2).cumsum(2).flip(2)  # (Bt, c, Q, H)
+    acum_h = acum.transpose(2, 3)  # (Bt, c, H, Q)
+    # seg[l, s] = Σ_{s<j<=l} a_j for l > s; clamped to [-87, 0]: exp of anything below -87 underflows anyway
+    # (and torch's exp is slow there), entries above the diagonal become 1 and are zeroed through C Bᵀ
+    seg = (acum_h[..., :, None] - acum_h[..., None, :]).clamp(_EXP_MIN, 0.0)  # (Bt, c, H, Q, Q)
+    decay_ls = torch.exp(seg)
+
+    xc = xf.view(b, nc, q, h, p)
+    dtc = dtf.view(b, nc, q, h)
+    Bc = Bf.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
+    Cc = Cf.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
+
+    # 1. within chunks: (C Bᵀ ⊙ decay) (dt x). The diagonal (decay exactly 1) is added apart, so that no
+    # gradient flows into the decays through it (it would cancel, but only up to rounding).
+    cb = Cc @ Bc.transpose(-1, -2)  # (Bt, c, G, Q, Q)
+    strict = torch.ones(q, q, dtype=torch.bool, device=x.device).tril(-1)
+    cb_diag = torch.diag_embed(cb.diagonal(dim1=-2, dim2=-1))[:, :, :, None]  # (Bt, c, G, 1, Q, Q)
+    scores = torch.addcmul(cb_diag, decay_ls.view(b, nc, g, hg, q, q), (cb * strict)[:, :, :, None])
+    xdt = (xc * dtc[..., None]).permute(0, 1, 3, 2, 4)  # (Bt, c, H, Q, P)
+    y_diag = scores.reshape(b, nc, h, q, q) @ xdt  # (Bt, c, H, Q, P)
+
+    # 2. the state each chunk adds by its end: Bᵀ (decay-to-end · dt · x)
+    w = dtc * _exp(to_end)  # (Bt, c, Q, H)
+    xw = (xc * w[..., None]).view(b, nc, q, g, hg * p).transpose(2, 3)  # (Bt, c, G, Q, Hg*P)
+    chunk_states = Bc.transpose(-1, -2) @ xw  # (Bt, c, G, N, Hg*P)
+
+    # 3. carry the state across chunks
+    chunk_decay = _exp(acum[:, :, -1, :]).view(b, nc, g, 1, hg, 1)  # (Bt, c, G, 1, Hg, 1)
+    if initial_state is None:
+        state = xf.new_zeros(b, g, n, hg, p)
+    else:  # (Bt, H, P, N) -> (Bt, G, N, Hg, P)
+        state = initial_state.to(ct).view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)
+    entering = []
+    for decay_c, add_c in zip(chunk_decay.unbind(1), chunk_states.view(b, nc, g, n, hg, p).unbind(1)):
+        entering.append(state)
+        state = state * decay_c + add_c
+    prev = torch.stack(entering, dim=1).view(b, nc, g, n, hg * p)  # (Bt, c, G, N, Hg*P)
+
+    # 4. what the carried state contributes: exp(acum) · C state
+    y_off = (Cc @ prev).view(b, nc, g, q, hg, p).transpose(2, 3).reshape(b, nc, q, h, p)  # (Bt, c, Q, H, P)
+    y = y_off * _exp(acum)[..., None] + y_diag.transpose(2, 3)  # (Bt, c, Q, H, P)
+    y = y.reshape(b, nc * q, h, p)[:, :t]
+    y = _skip(y, xf[:, :t], D).to(dtype)
+    if not return_final_state:
+        return y
+    final = state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # (Bt, H, P, N)
+    return y, final
