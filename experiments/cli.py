@@ -99,6 +99,67 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+# train ------------------------------------------------------------------------------------------------------
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override any field: model.d_model=256 train.lr=1e-3 data.options.num_kv_pairs=8")
+    p.add_argument("--config", type=str, help="TOML file with [model], [train] and [data] tables")
+    p.add_argument("--preset", help="a named model (classic-transformer, transformer, mamba, mamba2, jamba, "
+                                    "nvidia-hybrid, hybrid)")
+    p.add_argument("--mixer", help="every layer's mixer (a registered name or package.module:Class)")
+    p.add_argument("--pattern", help="hybrid pattern tiled over the layers, e.g. MMMA")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--corpus", help="train on a corpus: stdlib (default), textfile, hf")
+    data.add_argument("--task", help="train on a synthetic task: mqar, selective_copy, induction, passkey")
+    p.add_argument("--steps", type=int, help="optimiser steps (= train.steps=N)")
+    p.add_argument("--out", default=None, help="run directory (default runs/train-<model>-<data>); rerunning "
+                                               "into the same directory resumes from its checkpoint")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("train", "train one model on a corpus or task; writes metrics.jsonl, checkpoint.pt, summary.json")(
+    _configure_train)
+def _run_train(args: argparse.Namespace) -> int:
+    from experiments.config import apply_overrides, build_specs, load_toml
+    from experiments.train import train
+
+    config = load_toml(args.config) if args.config else {}
+    config.setdefault("model", {})
+    config.setdefault("data", {})
+    if args.preset:
+        config["model"]["preset"] = args.preset
+    if args.mixer:
+        config["model"]["mixer"] = args.mixer
+    if args.pattern:
+        config["model"]["pattern"] = args.pattern
+    if args.corpus:
+        config["data"] = {"corpus": args.corpus, **{k: v for k, v in config["data"].items() if k == "options"}}
+    if args.task:
+        config["data"] = {"task": args.task, **{k: v for k, v in config["data"].items() if k == "options"}}
+    if args.steps:
+        config.setdefault("train", {})["steps"] = args.steps
+    model, train_spec, data = build_specs(apply_overrides(config, args.overrides))
+    label = data.task or data.corpus
+    out = args.out or f"runs/train-{args.preset or model.layer_pattern.lower()}-{label}"
+    summary = train(model, train_spec, data, out, progress=not args.no_progress, threads=args.threads)
+    final = summary["final"]
+    rows = [["status", summary["status"]], ["steps", f"{summary['steps']}/{summary['total_steps']}"],
+            ["params", f"{summary['params']:,}"], ["layers", model.layer_pattern]]
+    if "val_bpb" in final:
+        rows += [["val loss (nats/token)", f"{final['val_loss']:.4f}"],
+                 ["val bits per byte", f"{final['val_bpb']:.4f}"],
+                 ["unigram baseline (bits per byte)", f"{summary['dataset']['unigram_bpb']:.4f}"]]
+    if "accuracy" in final:
+        rows += [["test accuracy", f"{final['accuracy']:.4f}"]]
+        for attr, by in final.get("by", {}).items():
+            rows += [[f"  accuracy by {attr}", ", ".join(f"{k}: {v:.3f}" for k, v in by.items())]]
+    rows += [["tokens/s (train)", f"{summary['tokens_per_s']:,.0f}"], ["wall time", f"{summary['wall_seconds']:.1f} s"],
+             ["backends", ", ".join(sorted({str(b) for b in summary["backends"].values()}))], ["out", out]]
+    print(_table(rows, ["", "value"]))
+    return 0 if summary["status"] in ("completed", "stopped") else 1
+
+
 # main -------------------------------------------------------------------------------------------------------
 def _load_command_modules() -> None:
     """Commands defined in other modules register themselves on import."""
