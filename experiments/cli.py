@@ -160,12 +160,134 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "stopped") else 1
 
 
+# study / reproduce ------------------------------------------------------------------------------------------
+def _study_args(p: argparse.ArgumentParser, *, storage_required: bool = False) -> None:
+    p.add_argument("recipe", help="a recipe name (see `mixerlab study list`) or a path to a recipe .toml")
+    p.add_argument("--scale", default="cpu", choices=("smoke", "cpu", "gpu"),
+                   help="smoke: seconds, for tests; cpu: a 2-core laptop in minutes; gpu: one GPU (default cpu)")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-<scale>); rerunning into it resumes")
+    p.add_argument("--storage", required=storage_required,
+                   help="Optuna storage URL; default a SQLite file in the run directory. For many machines: "
+                        "postgresql://user:password@host/db")
+
+
+def _runner_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=1, help="trial subprocesses to run in parallel on this machine")
+    p.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between heartbeats of running trials (a dead worker's trial is failed and "
+                        "retried after 3x this); keep >= 60 in production")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _out_dir(args: argparse.Namespace, recipe) -> str:
+    return args.out or f"runs/{recipe.name}-{recipe.scale}"
+
+
+def _runner(args: argparse.Namespace):
+    from experiments.study import Recipe, StudyRunner
+
+    recipe = Recipe.load(args.recipe, args.scale)
+    return StudyRunner(recipe, _out_dir(args, recipe), storage=args.storage, jobs=getattr(args, "jobs", 1),
+                       heartbeat=(getattr(args, "heartbeat", 60), 3 * getattr(args, "heartbeat", 60)),
+                       progress=not getattr(args, "no_progress", True))
+
+
+def _report(runner) -> dict:
+    from experiments.report import write_report
+
+    paths = write_report(runner.study, runner.out, recipe_info=runner.recipe.to_dict())
+    return paths
+
+
+def _run_and_report(args: argparse.Namespace, create: bool = True) -> int:
+    runner = _runner(args)
+    try:
+        counts = runner.run(create=create)
+    except KeyboardInterrupt:
+        print(f"stopped. Rerun the same command to resume the study in {runner.out}.", file=sys.stderr)
+        return 130
+    print(f"{runner.recipe.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
+          f"{counts['failed']} failed" + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else ""))
+    if create:
+        paths = _report(runner)
+        table = paths.get("table.md") if isinstance(paths, dict) else None
+        if table:
+            print(open(table).read())
+        print(f"report written to {runner.out}")
+    return 0
+
+
+def _configure_study(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="study_command", metavar="ACTION", required=True)
+    run = sub.add_parser("run", help="create or resume a study and run its trials here, then report",
+                         description="Create or resume the recipe's study and run trials until its budget is met; "
+                                     "then write table.md, table.csv and figures. Ctrl-C stops cleanly; rerunning "
+                                     "resumes without losing or repeating a finished trial.")
+    _study_args(run)
+    _runner_args(run)
+    worker = sub.add_parser("worker", help="join a study in shared storage (PostgreSQL) and run trials",
+                            description="Join an existing study (created by `study run` with the same --storage) "
+                                        "and run its trials; start one per machine.")
+    _study_args(worker, storage_required=True)
+    _runner_args(worker)
+    status = sub.add_parser("status", help="trials done/running/failed/pruned and the best so far")
+    _study_args(status)
+    report = sub.add_parser("report", help="write table.md, table.csv and figures from a study")
+    _study_args(report)
+    sub.add_parser("list", help="list the bundled recipes")
+
+
+@command("study", "run, join, inspect and report Optuna studies that compare mixers")(_configure_study)
+def _run_study(args: argparse.Namespace) -> int:
+    from experiments.study import Recipe, recipe_names
+
+    if args.study_command == "list":
+        for name in recipe_names():
+            print(f"{name:24s} {Recipe.load(name, 'cpu').description}")
+        return 0
+    if args.study_command == "run":
+        return _run_and_report(args)
+    if args.study_command == "worker":
+        return _run_and_report(args, create=False)
+    runner = _runner(args)
+    runner.open(create=False, wait_s=0)
+    if args.study_command == "status":
+        from experiments.report import status_text
+
+        print(status_text(runner.study))
+        return 0
+    paths = _report(runner)
+    print("\n".join(str(p) for p in (paths.values() if isinstance(paths, dict) else paths)))
+    return 0
+
+
+def _configure_reproduce(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="quickstart, depth-width, mqar, selective-copy, induction-extrapolation, "
+                                  "long-context (or a .toml path)")
+    p.add_argument("--scale", default="cpu", choices=("smoke", "cpu", "gpu"),
+                   help="smoke: seconds; cpu: a 2-core laptop (the README's tables); gpu: one GPU")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-<scale>); rerunning resumes")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run directory)")
+    _runner_args(p)
+
+
+@command("reproduce", "run a named recipe end to end: its study, then table.md, table.csv and figures")(
+    _configure_reproduce)
+def _run_reproduce(args: argparse.Namespace) -> int:
+    return _run_and_report(args)
+
+
 # main -------------------------------------------------------------------------------------------------------
 def _load_command_modules() -> None:
     """Commands defined in other modules register themselves on import."""
     for mod in ("experiments.commands",):
         if importlib.util.find_spec(mod) is not None:
             importlib.import_module(mod)
+
+
+USER_ERRORS = {"RecipeError", "ConfigError", "SpecError", "RunError", "RegistryError", "DataError",
+               "CorpusNotFoundError", "EmptyCorpusError", "UndecodableTextError", "SplitTooSmallError",
+               "MissingDependencyError", "TaskError", "PatternError", "MeasureError"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][2](args) or 0
+    except (ValueError, KeyError) as exc:  # our errors name the problem and the fix: no traceback
+        if type(exc).__name__ not in USER_ERRORS:
+            raise
+        print(f"mixerlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

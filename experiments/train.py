@@ -297,12 +297,13 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
     model = LanguageModel(model_spec).to(device)
     opt = torch.optim.AdamW(_param_groups(model, train_spec.weight_decay), lr=train_spec.lr,
                             betas=(train_spec.beta1, train_spec.beta2), fused=device.type == "cuda")
-    start, elapsed_before, last_eval = 0, 0.0, {}
+    start, elapsed_before, last_eval, evals = 0, 0.0, {}, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         start, elapsed_before, last_eval = ckpt["step"], ckpt["train_seconds"], ckpt.get("last_eval", {})
+        evals = list(ckpt.get("evals", []))
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
     loss_fn = torch.compile(model.loss) if train_spec.compile else model.loss
@@ -349,9 +350,11 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
                 with autocast:
                     last_eval = data.evaluate(model, train_spec, device)
                 _log(log, {"event": "eval", "step": done, **last_eval})
+                evals.append({"step": done, "tokens": done * tokens_per_step,
+                              **{k: v for k, v in last_eval.items() if isinstance(v, (int, float))}})
                 _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                              "rng": torch.get_rng_state(), "train_seconds": seconds, "last_eval": last_eval},
-                             out / "checkpoint.pt")
+                              "rng": torch.get_rng_state(), "train_seconds": seconds, "last_eval": last_eval,
+                              "evals": evals}, out / "checkpoint.pt")
                 if on_eval is not None:
                     try:
                         on_eval(done, last_eval)
@@ -361,7 +364,7 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
         if status == "stopped":
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
                           "rng": torch.get_rng_state(), "train_seconds": elapsed_before + time.time() - t_run,
-                          "last_eval": last_eval}, out / "checkpoint.pt")
+                          "last_eval": last_eval, "evals": evals}, out / "checkpoint.pt")
     finally:
         bar.close()
         log.close()
@@ -374,6 +377,7 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
         "total_steps": total,
         "tokens": steps_done * tokens_per_step,
         "final": last_eval,
+        "evals": evals,
         "train_seconds": train_seconds,
         "wall_seconds": time.time() - t_start,
         "tokens_per_s": (steps_done - start) * tokens_per_step / max(time.time() - t_run, 1e-9),

@@ -1,0 +1,788 @@
+"""Optuna studies over mixers, hybrids, depth and width: recipes, trial execution, storage, resume.
+
+A **recipe** (TOML; `experiments/recipes/*.toml` or any path) names the base run (``[base.model]``,
+``[base.train]``, ``[base.data]``), a search ``[space]`` over any field by dotted path, named ``[variants]``
+(bundles of field values, e.g. ``attention`` vs ``mamba``), the objectives, constraints, sampler, pruner and
+budget, and per-scale overrides (``[scale.smoke]``, ``[scale.cpu]``, ``[scale.gpu]``, deep-merged over the
+rest). It is validated — every grid cell or range corner built into specs — before anything runs.
+
+**Trials** run in their own subprocesses (isolation, and an honest peak memory). The coordinator talks to
+each over a pipe: at every evaluation the child reports the value and waits for "continue" or "prune"; at
+the end it sends its summary. A crash, out-of-memory kill, timeout or diverged loss fails that trial with
+the reason stored on it (user attr ``fail_reason``) and the study goes on.
+
+**Storage**: a SQLite file in the run directory by default, written only by the coordinator process (its
+``--jobs`` threads each watch one trial subprocess); PostgreSQL (``--storage postgresql://…``) for many
+workers on many machines (`run_worker`). Heartbeats mark the trials of a dead worker FAIL and queue a retry
+with the same parameters; on one machine a dead coordinator's trials are found by PID at the next start.
+
+**Resume**: rerunning a recipe continues its study. Grid cells are enqueued once and each runs exactly once
+(a cell is redone only if its trial was interrupted or its worker died); sampled studies run until the
+budget counts enough finished trials (complete, pruned, or failed for a reason of their own).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiments.config import ConfigError, build_specs, set_path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["METRICS", "Recipe", "RecipeError", "StudyRunner", "find_recipe", "open_study", "recipe_names"]
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+SCALES = ("smoke", "cpu", "gpu")
+EVAL = "@@mixerlab-eval@@ "
+RESULT = "@@mixerlab-trial@@ "
+
+#: metric -> (where it comes from, default direction, unit)
+METRICS: dict[str, tuple[str, str, str]] = {
+    "val_bpb": ("validation bits per byte", "minimize", "bits/byte"),
+    "val_loss": ("validation loss", "minimize", "nats/token"),
+    "val_ppl": ("validation perplexity", "minimize", ""),
+    "accuracy": ("task test accuracy", "maximize", ""),
+    "exact_match": ("task exact-match accuracy", "maximize", ""),
+    "peak_memory_mb": ("peak training memory above baseline", "minimize", "MiB"),
+    "params": ("parameters", "minimize", ""),
+    "tokens_per_s": ("training throughput", "maximize", "tokens/s"),
+    "train_seconds": ("training time", "minimize", "s"),
+    "flops_per_token": ("forward FLOPs per token", "minimize", "FLOP"),
+}
+CORPUS_METRICS = {"val_bpb", "val_loss", "val_ppl"}
+TASK_METRICS = {"accuracy", "exact_match"}
+TOP_KEYS = ("name", "description", "base", "space", "variants", "objectives", "constraints", "sampler", "pruner",
+            "budget", "trial", "report", "scale")
+FINISHED_FAIL = "final"  # user attr set on trials that failed for a reason of their own (not interrupted)
+
+
+class RecipeError(ValueError):
+    """An invalid recipe; raised before anything runs. The message names the field and the valid ones."""
+
+
+def _unknown(kind: str, keys: Any, valid: Any) -> None:
+    valid = list(valid)
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=2)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            raise RecipeError(f"{kind}: unknown field {key!r}{hint}; valid: {', '.join(valid)}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search dimension over a dotted field path (``model.d_model``, ``train.lr``, ...)."""
+
+    path: str
+    choices: tuple[Any, ...] | None = None  # categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    integer: bool = False
+
+    @classmethod
+    def parse(cls, path: str, spec: Any) -> Param:
+        where = f"space.{path!r}"
+        if isinstance(spec, list):
+            if not spec:
+                raise RecipeError(f"{where}: an empty list of choices")
+            return cls(path, choices=tuple(spec))
+        if isinstance(spec, dict):
+            _unknown(where, spec, ("low", "high", "log", "step", "int"))
+            if "low" not in spec or "high" not in spec:
+                raise RecipeError(f"{where}: a range needs low and high, e.g. {{low = 1e-4, high = 1e-2, log = true}}")
+            low, high = spec["low"], spec["high"]
+            if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
+                raise RecipeError(f"{where}: needs numbers low < high, got low={low!r}, high={high!r}")
+            integer = bool(spec.get("int", isinstance(low, int) and isinstance(high, int)))
+            if spec.get("log") and low <= 0:
+                raise RecipeError(f"{where}: a log range needs low > 0")
+            return cls(path, low=low, high=high, log=bool(spec.get("log", False)), step=spec.get("step"),
+                       integer=integer)
+        return cls(path, choices=(spec,))
+
+    def suggest(self, trial: Any) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.path, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.path, self.low, self.high, log=self.log, step=self.step)
+
+    def corners(self) -> list[Any]:
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated study recipe at one scale."""
+
+    name: str
+    scale: str
+    description: str
+    base: dict[str, Any]
+    space: tuple[Param, ...]
+    variants: dict[str, dict[str, Any]]
+    objectives: tuple[tuple[str, str], ...]  # (metric, direction)
+    constraints: dict[str, float]  # metric -> maximum
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    trials: int | None
+    timeout_s: float | None
+    trial_timeout_s: float
+    threads: int | None
+    report: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    # loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str, scale: str = "cpu") -> Recipe:
+        """A recipe by name (``quickstart``) or path, at ``scale``."""
+        path = find_recipe(name_or_path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"{path} is not valid TOML: {exc}") from None
+        return cls.from_dict(raw, scale=scale, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], scale: str = "cpu", source: str = "") -> Recipe:
+        _unknown("recipe", raw, TOP_KEYS)
+        if scale not in SCALES:
+            raise RecipeError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
+        scales = raw.get("scale", {})
+        _unknown("recipe [scale]", scales, SCALES)
+        doc = _merge({k: v for k, v in raw.items() if k != "scale"}, scales.get(scale, {}))
+        _unknown(f"recipe [scale.{scale}]", scales.get(scale, {}), TOP_KEYS)
+        name = doc.get("name") or Path(source).stem
+        if not name:
+            raise RecipeError("recipe: give it a name (name = \"...\")")
+        base = doc.get("base", {})
+        _unknown("recipe [base]", base, ("model", "train", "data"))
+        space = tuple(Param.parse(p, s) for p, s in doc.get("space", {}).items())
+        variants = {str(k): dict(v) for k, v in doc.get("variants", {}).items()}
+        for vname, values in variants.items():
+            if not isinstance(values, dict) or not values:
+                raise RecipeError(f"variants.{vname}: give a table of field = value, e.g. {{\"model.mixer\" = \"mamba\"}}")
+        objectives = cls._parse_objectives(doc.get("objectives", ["val_bpb"]))
+        constraints = {str(k): float(v) for k, v in doc.get("constraints", {}).items()}
+        _unknown("constraints", constraints, METRICS)
+        sampler = dict(doc.get("sampler", {"kind": "tpe"}))
+        _unknown("sampler", sampler, ("kind", "seed", "n_startup_trials"))
+        pruner = dict(doc.get("pruner", {"kind": "none"}))
+        _unknown("pruner", pruner, ("kind", "n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor",
+                                    "percentile"))
+        budget = dict(doc.get("budget", {}))
+        _unknown("budget", budget, ("trials", "timeout_s"))
+        trial = dict(doc.get("trial", {}))
+        _unknown("trial", trial, ("timeout_s", "threads"))
+        recipe = cls(name=name, scale=scale, description=doc.get("description", ""), base=base, space=space,
+                     variants=variants, objectives=objectives, constraints=constraints, sampler=sampler,
+                     pruner=pruner, trials=budget.get("trials"), timeout_s=budget.get("timeout_s"),
+                     trial_timeout_s=float(trial.get("timeout_s", 3600)), threads=trial.get("threads"),
+                     report=dict(doc.get("report", {})), source=source)
+        recipe.validate()
+        return recipe
+
+    @staticmethod
+    def _parse_objectives(items: Any) -> tuple[tuple[str, str], ...]:
+        if isinstance(items, str):
+            items = [items]
+        out = []
+        for item in items:
+            metric, direction = (item, None) if isinstance(item, str) else (item.get("metric"), item.get("direction"))
+            _unknown("objectives", [metric], METRICS)
+            direction = direction or METRICS[metric][1]
+            if direction not in ("minimize", "maximize"):
+                raise RecipeError(f"objective {metric}: direction must be minimize or maximize, got {direction!r}")
+            out.append((metric, direction))
+        if not out:
+            raise RecipeError("objectives: give at least one, e.g. objectives = [\"val_bpb\"]")
+        return tuple(out)
+
+    # validation --------------------------------------------------------------------------------------------
+    @property
+    def grid(self) -> bool:
+        return self.sampler.get("kind", "tpe") == "grid"
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.name}-{self.scale}"
+
+    def validate(self) -> None:
+        kind = self.sampler.get("kind", "tpe")
+        if kind not in ("grid", "tpe", "random", "nsga2"):
+            raise RecipeError(f"sampler.kind={kind!r}: valid: grid, tpe, random, nsga2")
+        pk = self.pruner.get("kind", "none")
+        if pk not in ("none", "median", "hyperband", "percentile"):
+            raise RecipeError(f"pruner.kind={pk!r}: valid: none, median, hyperband, percentile")
+        if self.multi_objective and pk != "none":
+            raise RecipeError("a multi-objective study cannot prune (Optuna raises on trial.report); optimise one "
+                              "objective and put memory or parameters under [constraints], or set pruner.kind='none'")
+        if self.grid:
+            ranges = [p.path for p in self.space if p.choices is None]
+            if ranges:
+                raise RecipeError(f"grid mode needs lists of values; {', '.join(ranges)} are ranges")
+        elif self.trials is None and self.timeout_s is None:
+            raise RecipeError("budget: a sampled study needs budget.trials and/or budget.timeout_s")
+        probe = self.configs_to_validate()
+        data_kind = None
+        for params in probe:
+            config = self.config_for(params)
+            try:
+                _, _, data = build_specs(config)
+            except ConfigError as exc:
+                raise RecipeError(f"recipe {self.name} ({_fmt(params)}): {exc}") from None
+            data_kind = "task" if data.task else "corpus"
+        for metric, _ in self.objectives:
+            if data_kind == "corpus" and metric in TASK_METRICS:
+                raise RecipeError(f"objective {metric} needs a task; this recipe trains on a corpus (use val_bpb)")
+            if data_kind == "task" and metric in CORPUS_METRICS:
+                raise RecipeError(f"objective {metric} needs a corpus; this recipe trains on a task (use accuracy)")
+
+    def configs_to_validate(self) -> list[dict[str, Any]]:
+        if self.grid:
+            return self.grid_cells()
+        axes = [p.corners() for p in self.space] + ([list(self.variants)] if self.variants else [])
+        names = [p.path for p in self.space] + (["variant"] if self.variants else [])
+        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*axes)][:64]
+
+    def grid_cells(self) -> list[dict[str, Any]]:
+        axes = ([("variant", list(self.variants))] if self.variants else []) + [
+            (p.path, list(p.choices)) for p in self.space]
+        return [dict(zip([a for a, _ in axes], combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
+
+    def config_for(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The ``{"model", "train", "data"}`` config of one trial's parameters."""
+        config = copy.deepcopy(self.base)
+        if "variant" in params:
+            if params["variant"] not in self.variants:
+                raise RecipeError(f"unknown variant {params['variant']!r}; variants: {', '.join(self.variants)}")
+            for path, value in self.variants[params["variant"]].items():
+                set_path(config, path, value)
+        for path, value in params.items():
+            if path != "variant":
+                set_path(config, path, value)
+        return config
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        params = {}
+        if self.variants:
+            params["variant"] = trial.suggest_categorical("variant", list(self.variants))
+        for p in self.space:
+            params[p.path] = p.suggest(trial)
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["space"] = [dataclasses.asdict(p) for p in self.space]
+        return json.loads(json.dumps(d))
+
+    # optuna objects ----------------------------------------------------------------------------------------
+    def make_sampler(self) -> Any:
+        import optuna
+
+        kind, seed = self.sampler.get("kind", "tpe"), self.sampler.get("seed", 0)
+        startup = self.sampler.get("n_startup_trials", 10)
+        if kind in ("grid", "random"):
+            return optuna.samplers.RandomSampler(seed=seed)  # grid cells are enqueued; random fills nothing
+        if kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                          constant_liar=True)
+
+    def make_pruner(self) -> Any:
+        import optuna
+
+        p = self.pruner
+        kind = p.get("kind", "none")
+        if kind == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=p.get("n_startup_trials", 3),
+                                               n_warmup_steps=p.get("n_warmup_steps", 0))
+        if kind == "percentile":
+            return optuna.pruners.PercentilePruner(p.get("percentile", 25.0),
+                                                   n_startup_trials=p.get("n_startup_trials", 3),
+                                                   n_warmup_steps=p.get("n_warmup_steps", 0))
+        if kind == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=p.get("min_resource", 1),
+                                                  reduction_factor=p.get("reduction_factor", 3))
+        return optuna.pruners.NopPruner()
+
+
+def _fmt(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    names = recipe_names()
+    close = difflib.get_close_matches(name_or_path, names, n=2)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    raise RecipeError(f"unknown recipe {name_or_path!r}; {hint}recipes: {', '.join(names)} (or give a .toml path)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# storage
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None,
+                 max_retry: int | None = 3) -> Any:
+    """An RDB storage (SQLite or PostgreSQL) with heartbeats and retry of crashed workers' trials."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    if heartbeat_interval:
+        kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period or 2 * heartbeat_interval,
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+    try:
+        return RDBStorage(url, **kwargs)
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise RecipeError(f"storage {url.split('://')[0]}: a driver is missing ({exc}); for PostgreSQL "
+                          f"pip install psycopg2-binary") from None
+    except optuna.exceptions.StorageInternalError as exc:
+        raise RecipeError(f"cannot open storage {url}: {exc}") from None
+
+
+def open_study(recipe: Recipe, storage: Any, create: bool = True) -> Any:
+    import optuna
+
+    directions = [d for _, d in recipe.objectives]
+    if create:
+        try:
+            return optuna.create_study(study_name=recipe.study_name, storage=storage, directions=directions,
+                                       sampler=recipe.make_sampler(), pruner=recipe.make_pruner(),
+                                       load_if_exists=True)
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # created concurrently by another worker
+    return optuna.load_study(study_name=recipe.study_name, storage=storage, sampler=recipe.make_sampler(),
+                             pruner=recipe.make_pruner())
+
+
+def _cell_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the coordinator / worker
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StudyRunner:
+    """Runs a recipe's trials against a storage, ``jobs`` trial subprocesses at a time.
+
+    Args:
+        recipe: the validated recipe.
+        out_dir: the run directory (trial directories, the SQLite file by default, reports).
+        storage: a storage URL; default ``sqlite:///<out_dir>/study.db``.
+        jobs: trial subprocesses run in parallel by this process.
+        heartbeat: (interval, grace period) in seconds; production intervals should be >= 60 s.
+    """
+
+    def __init__(self, recipe: Recipe, out_dir: str | os.PathLike, storage: str | None = None, jobs: int = 1,
+                 heartbeat: tuple[int, int] = (60, 180), progress: bool = True, log: Any = None):
+        if jobs < 1:
+            raise RecipeError(f"jobs must be >= 1, got {jobs}")
+        self.recipe = recipe
+        self.out = Path(out_dir)
+        self.storage_url = storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+        self.jobs = jobs
+        self.heartbeat = heartbeat
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._children: dict[int, subprocess.Popen] = {}
+        self._started = 0.0
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    # set-up ------------------------------------------------------------------------------------------------
+    def _check_out_dir(self) -> None:
+        """Refuse a directory holding a different recipe's study (before anything is written)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "recipe.json"
+        mine = self.recipe.to_dict()
+        mine.pop("source", None)
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            theirs.pop("source", None)
+            if theirs != mine:
+                changed = sorted(k for k in mine if theirs.get(k) != mine.get(k))
+                raise RecipeError(f"{self.out} holds a study of a different recipe (fields differ: "
+                                  f"{', '.join(changed)}); use another --out directory — nothing was changed")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**mine, "source": self.recipe.source}, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def open(self, create: bool = True, wait_s: float = 120.0) -> Any:
+        import warnings
+
+        import optuna
+
+        # we drive heartbeats and stale-trial recovery ourselves around ask/tell, on purpose
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        self._check_out_dir()
+        self.storage = make_storage(self.storage_url, *self.heartbeat)
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                self.study = open_study(self.recipe, self.storage, create=create)
+                break
+            except KeyError:  # a worker started before the coordinator created the study
+                if time.time() > deadline:
+                    raise RecipeError(f"no study {self.recipe.study_name!r} in {self.storage_url} after "
+                                      f"{wait_s:.0f} s; start `mixerlab study run` for it first") from None
+                time.sleep(1.0)
+        self.study.set_metric_names([m for m, _ in self.recipe.objectives])
+        return self.study
+
+    def _recover(self) -> None:
+        """Fail trials of dead workers (heartbeat, or a dead PID on this host) and queue their retries."""
+        import optuna
+        from optuna.storages import fail_stale_trials
+        from optuna.trial import TrialState
+
+        fail_stale_trials(self.study)
+        host = socket.gethostname()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            who = t.user_attrs.get("worker", "")
+            whost, _, pid = who.rpartition(":")
+            if whost == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                try:
+                    self.storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {who} died")
+                    self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue
+                if not self.recipe.grid:
+                    self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+                self.log(f"trial {t.number} of dead worker {who} marked FAIL; it will be retried")
+
+    def _enqueue_grid(self) -> None:
+        from optuna.trial import TrialState
+
+        live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
+        have = set()
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state in live or (t.state == TrialState.FAIL and t.user_attrs.get(FINISHED_FAIL)):
+                have.add(_cell_key(t.params if t.params else t.system_attrs.get("fixed_params", {})))
+        for cell in self.recipe.grid_cells():
+            if _cell_key(cell) not in have:
+                self.study.enqueue_trial(cell)
+
+    # budget ------------------------------------------------------------------------------------------------
+    def _counts(self) -> dict[str, int]:
+        from optuna.trial import TrialState
+
+        c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "interrupted": 0}
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state == TrialState.COMPLETE:
+                c["complete"] += 1
+            elif t.state == TrialState.PRUNED:
+                c["pruned"] += 1
+            elif t.state == TrialState.FAIL:
+                c["failed" if t.user_attrs.get(FINISHED_FAIL) else "interrupted"] += 1
+            elif t.state == TrialState.RUNNING:
+                c["running"] += 1
+            elif t.state == TrialState.WAITING:
+                c["waiting"] += 1
+        return c
+
+    def _claim(self) -> bool | None:
+        """True: start a trial now; None: wait (others are running); False: this worker is done."""
+        if self._stop.is_set():
+            return False
+        if self.recipe.timeout_s and time.time() - self._started > self.recipe.timeout_s:
+            return False
+        c = self._counts()
+        if self.recipe.grid:
+            if c["waiting"]:
+                return True
+            return None if c["running"] else False
+        done = c["complete"] + c["pruned"] + c["failed"]
+        budget = self.recipe.trials
+        if budget is None or done + c["running"] < budget:
+            return True
+        return None if done < budget and c["running"] else False
+
+    # running -----------------------------------------------------------------------------------------------
+    def run(self, create: bool = True) -> dict[str, int]:
+        """Run trials until the budget is met (or Ctrl-C); returns the final trial counts."""
+        self.open(create=create)
+        self._recover()
+        if self.recipe.grid and create:
+            self._enqueue_grid()
+        self._started = time.time()
+        bar = self._bar()
+        threads = [threading.Thread(target=self._loop, args=(bar,), daemon=True) for _ in range(self.jobs)]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(timeout=0.5)
+        except KeyboardInterrupt:
+            self.log("interrupted: stopping running trials (rerun the same command to resume)")
+            self._stop.set()
+            self._terminate_children()
+            for t in threads:
+                t.join(timeout=30)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._counts()
+
+    def _bar(self) -> Any:
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        total = len(self.recipe.grid_cells()) if self.recipe.grid else self.recipe.trials
+        c = self._counts()
+        return tqdm(total=total, initial=c["complete"] + c["pruned"] + c["failed"], unit="trial",
+                    desc=self.recipe.study_name, dynamic_ncols=True)
+
+    def _terminate_children(self) -> None:
+        with self._lock:
+            children = list(self._children.values())
+        for proc in children:
+            if proc.poll() is None:
+                proc.terminate()
+
+    def _loop(self, bar: Any) -> None:
+        from optuna.storages import fail_stale_trials
+
+        last_recover = time.time()
+        while True:
+            with self._lock:
+                claim = self._claim()
+                trial = self.study.ask() if claim else None
+            if claim is False:
+                return
+            if trial is None:
+                if time.time() - last_recover > max(1, self.heartbeat[0] if self.heartbeat else 5):
+                    fail_stale_trials(self.study)
+                    last_recover = time.time()
+                self._stop.wait(1.0)
+                continue
+            self._run_trial(trial)
+            if bar is not None:
+                bar.update(1)
+
+    def _run_trial(self, trial: Any) -> None:
+        import optuna
+        from optuna.storages._heartbeat import get_heartbeat_thread
+        from optuna.trial import TrialState
+
+        storage, tid = self.study._storage, trial._trial_id
+        heartbeat = get_heartbeat_thread(tid, storage)
+        heartbeat.start()
+        try:
+            params = self.recipe.suggest(trial)
+            config = self.recipe.config_for(params)
+            trial.set_user_attr("worker", self.worker_id)
+            trial.set_user_attr("config", config)
+            run_dir = self.out / "trials" / f"{trial.number:04d}"
+            outcome = self._execute(trial, config, run_dir)
+        except Exception as exc:  # a bug or storage trouble here must not take the other workers down
+            outcome = ("fail", f"coordinator error: {type(exc).__name__}: {exc}", None, True)
+        finally:
+            heartbeat.join()
+        state, reason, summary, final = outcome
+        try:
+            if summary is not None:
+                trial.set_user_attr("summary", _compact(summary))
+            if state == "complete":
+                values = [_metric(summary, m) for m, _ in self.recipe.objectives]
+                for metric, limit in self.recipe.constraints.items():
+                    trial.set_constraint(metric, _metric(summary, metric) - limit)
+                self.study.tell(trial, values if self.recipe.multi_objective else values[0])
+            elif state == "pruned":
+                self.study.tell(trial, state=TrialState.PRUNED)
+            else:
+                trial.set_user_attr("fail_reason", reason)
+                if final:
+                    trial.set_user_attr(FINISHED_FAIL, True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.log(f"trial {trial.number} failed: {reason}")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.log(f"trial {trial.number} was already finished by another worker (heartbeat stale?)")
+
+    def _execute(self, trial: Any, config: dict[str, Any], run_dir: Path) -> tuple[str, str, Any, bool]:
+        """Run one trial subprocess; returns (state, reason, summary, final)."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        job = {"config": config, "out": str(run_dir), "threads": self.recipe.threads,
+               "prune": not self.recipe.multi_objective and self.recipe.pruner.get("kind", "none") != "none"}
+        stderr = (run_dir / "stderr.log").open("w")
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.study"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1)
+        with self._lock:
+            self._children[trial.number] = proc
+        timed_out = threading.Event()
+        timer = threading.Timer(self.recipe.trial_timeout_s, lambda: (timed_out.set(), proc.kill()))
+        timer.start()
+        summary, pruned_here, stopped_here = None, False, False
+        objective = self.recipe.objectives[0][0]
+        try:
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+            for line in proc.stdout:
+                if line.startswith(EVAL):
+                    ev = json.loads(line[len(EVAL):])
+                    answer, value = "continue", ev["metrics"].get(objective)
+                    if job["prune"] and isinstance(value, (int, float)) and math.isfinite(value):
+                        trial.report(value, ev["step"])
+                        if trial.should_prune():
+                            answer, pruned_here = "prune", True
+                    if self._stop.is_set():
+                        answer, stopped_here = "stop", True
+                    proc.stdin.write(answer + "\n")
+                    proc.stdin.flush()
+                elif line.startswith(RESULT):
+                    summary = json.loads(line[len(RESULT):])
+            proc.wait()
+        except (BrokenPipeError, OSError):
+            proc.wait()
+        finally:
+            timer.cancel()
+            stderr.close()
+            with self._lock:
+                self._children.pop(trial.number, None)
+        if stopped_here or (self._stop.is_set() and summary is None):
+            return "fail", "interrupted (Ctrl-C); will be redone on resume", summary, False
+        if timed_out.is_set():
+            return "fail", f"timed out after {self.recipe.trial_timeout_s:.0f} s (trial.timeout_s)", summary, True
+        if summary is None:
+            code = proc.returncode
+            if code is not None and code < 0:
+                sig = signal.Signals(-code).name
+                why = " (out of memory?)" if -code == signal.SIGKILL else ""
+                return "fail", f"killed by {sig}{why}", None, True
+            tail = (run_dir / "stderr.log").read_text().strip().splitlines()[-6:]
+            return "fail", f"crashed (exit {code}): " + " | ".join(tail), None, True
+        status = summary.get("status")
+        if status == "pruned" or pruned_here:
+            return "pruned", "pruned", summary, True
+        if status == "diverged":
+            step = summary.get("final", {}).get("diverged_at_step", "?")
+            return "fail", f"diverged (non-finite loss at step {step})", summary, True
+        if status != "completed":
+            return "fail", f"ended with status {status}", summary, True
+        return "complete", "", summary, True
+
+
+def _metric(summary: dict[str, Any], name: str) -> float:
+    final = summary.get("final", {})
+    if name in final:
+        return float(final[name])
+    if name in summary and summary[name] is not None:
+        return float(summary[name])
+    raise RecipeError(f"trial summary has no metric {name!r}")
+
+
+def _compact(summary: dict[str, Any]) -> dict[str, Any]:
+    keep = ("status", "steps", "total_steps", "tokens", "final", "evals", "train_seconds", "tokens_per_s", "params",
+            "params_non_embedding", "flops_per_token", "state_bytes", "backends", "device", "precision",
+            "peak_memory_mb", "memory_method")
+    out = {k: summary[k] for k in keep if k in summary}
+    out["final"] = {k: v for k, v in summary.get("final", {}).items() if k != "by" or len(json.dumps(v)) < 4000}
+    ds = summary.get("dataset", {})
+    if "corpus" in ds:
+        out["corpus_hash"] = ds["corpus"].get("content_hash")
+        out["unigram_bpb"] = ds.get("unigram_bpb")
+    if "task" in ds:
+        out["task"] = ds["task"].get("task")
+    out["layer_pattern"] = summary.get("layer_pattern")
+    out["machine"] = {k: summary.get("machine", {}).get(k) for k in ("cpu", "torch", "cuda_device", "torch_threads")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trial subprocess
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _trial_main() -> None:
+    """Entry of a trial subprocess: read the job, train, talk to the coordinator, print the summary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle; it stops us
+    job = json.loads(sys.stdin.readline())
+    from archs.model import LanguageModel  # noqa: F401 — import cost outside the memory baseline
+    from experiments.measure import PeakMemory
+    from experiments.train import Pruned, train
+
+    model, train_spec, data = build_specs(job["config"])
+
+    def on_eval(step: int, metrics: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        sys.stdout.write(EVAL + json.dumps({"step": step, "metrics": scalars}) + "\n")
+        sys.stdout.flush()
+        answer = sys.stdin.readline().strip()
+        if answer in ("prune", "stop", ""):  # "" : the coordinator is gone
+            raise Pruned(answer or "coordinator gone")
+
+    with PeakMemory("cuda" if train_spec.device.startswith("cuda") else "cpu") as pm:
+        summary = train(model, train_spec, data, job["out"], on_eval=on_eval, progress=False,
+                        threads=job.get("threads"))
+    summary["peak_memory_mb"] = pm.peak_bytes / 2**20
+    summary["memory_method"] = pm.method
+    summary["layer_pattern"] = model.layer_pattern
+    sys.stdout.write(RESULT + json.dumps(summary, default=str) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _trial_main()
