@@ -37,6 +37,8 @@ def pytest_configure(config: pytest.Config) -> None:
     install_plugin(target)
     sys.path.insert(0, str(target))
     os.environ["MIXERLAB_TEST_PLUGIN_PATH"] = str(target)
+    # subprocesses (trials, measurements) see the plugin too
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH")) if p)
     from registry import MIXERS
 
     MIXERS.refresh_plugins()

@@ -1,0 +1,213 @@
+"""The study engine: recipe validation, trial isolation and failure reasons, pruning, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from experiments.study import Recipe, RecipeError, StudyRunner, recipe_names
+
+TINY = {
+    "base": {
+        "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "mlp": "none", "positions": "none"},
+        "train": {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_interval": 2, "eval_batches": 1,
+                  "warmup_steps": 1, "log_interval": 2},
+        "data": {"corpus": "stdlib"},
+    },
+    "trial": {"threads": 1, "timeout_s": 120},
+}
+
+
+def recipe(**changes) -> Recipe:
+    raw = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        raw[key] = value
+    raw.setdefault("name", "tiny")
+    return Recipe.from_dict(raw, scale="cpu")
+
+
+def trials_of(runner: StudyRunner) -> list:
+    return runner.study.get_trials(deepcopy=False)
+
+
+# validation --------------------------------------------------------------------------------------------------
+def test_unknown_recipe_field_is_named_with_a_suggestion():
+    with pytest.raises(RecipeError, match="unknown field 'objective'.*did you mean 'objectives'"):
+        recipe(objective=["val_bpb"])
+
+
+def test_unknown_metric_and_mismatched_objective():
+    with pytest.raises(RecipeError, match="unknown field 'val_bbp'.*val_bpb"):
+        recipe(objectives=["val_bbp"], sampler={"kind": "grid"})
+    with pytest.raises(RecipeError, match="accuracy needs a task"):
+        recipe(objectives=["accuracy"], sampler={"kind": "grid"})
+
+
+def test_grid_needs_lists_and_multi_objective_cannot_prune():
+    with pytest.raises(RecipeError, match="grid mode needs lists.*train.lr"):
+        recipe(sampler={"kind": "grid"}, space={"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}})
+    with pytest.raises(RecipeError, match="cannot prune"):
+        recipe(objectives=["val_bpb", "peak_memory_mb"], pruner={"kind": "median"}, budget={"trials": 2})
+    with pytest.raises(RecipeError, match="needs budget.trials"):
+        recipe(sampler={"kind": "tpe"})
+
+
+def test_a_bad_cell_is_found_before_anything_runs(tmp_path):
+    with pytest.raises(RecipeError, match=r"variant=typo.*no field 'n_layer'.*n_layers"):
+        recipe(sampler={"kind": "grid"}, variants={"ok": {"model.n_layers": 1}, "typo": {"model.n_layer": 2}})
+    assert not any(tmp_path.iterdir())
+
+
+def test_scales_merge_over_the_base():
+    r = Recipe.from_dict({**TINY, "name": "t", "sampler": {"kind": "grid"},
+                          "scale": {"smoke": {"base": {"train": {"steps": 2}}}}}, scale="smoke")
+    assert r.base["train"]["steps"] == 2 and r.base["train"]["batch_size"] == 2
+
+
+@pytest.mark.parametrize("name", recipe_names())
+@pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu"])
+def test_bundled_recipes_validate(name, scale):
+    r = Recipe.load(name, scale)
+    assert r.description and r.objectives
+
+
+def test_a_different_recipe_in_the_same_directory_is_refused(tmp_path):
+    StudyRunner(recipe(sampler={"kind": "grid"}), tmp_path)._check_out_dir()
+    other = recipe(sampler={"kind": "grid"}, space={"train.lr": [0.01]})
+    with pytest.raises(RecipeError, match="different recipe.*space"):
+        StudyRunner(other, tmp_path)._check_out_dir()
+
+
+# running -----------------------------------------------------------------------------------------------------
+def test_grid_runs_every_cell_once_in_parallel_and_records_results(tmp_path):
+    r = recipe(sampler={"kind": "grid"}, variants={"attention": {"model.mixer": "attention"},
+                                                   "window": {"model.mixer": "sliding_window_attention"}},
+               space={"model.d_model": [16, 24]})
+    runner = StudyRunner(r, tmp_path, jobs=2, progress=False)
+    counts = runner.run()
+    assert counts["complete"] == 4 and counts["failed"] == 0
+    cells = sorted(json.dumps(t.params, sort_keys=True) for t in trials_of(runner))
+    assert cells == sorted(json.dumps(c, sort_keys=True) for c in r.grid_cells())
+    for t in trials_of(runner):
+        s = t.user_attrs["summary"]
+        assert s["status"] == "completed" and t.value == pytest.approx(s["final"]["val_bpb"])
+        assert s["peak_memory_mb"] > 0 and s["corpus_hash"] and s["evals"][-1]["step"] == 4
+        assert (tmp_path / "trials" / f"{t.number:04d}" / "summary.json").exists()
+    # rerunning the finished study runs nothing more
+    assert StudyRunner(r, tmp_path, progress=False).run()["complete"] == 4
+    assert len(trials_of(runner)) == 4
+
+
+def test_failures_are_isolated_and_explained(tmp_path):
+    r = recipe(sampler={"kind": "grid"}, variants={
+        "ok": {"model.mixer": "attention"},
+        "crash": {"model.mixer": "toymix_plugin.bad:Exploding"},
+        "oom": {"model.mixer": "toymix_plugin.bad:Suicidal"},
+        "diverge": {"train.lr": 1e12, "train.grad_clip": 0.0, "train.warmup_steps": 0},
+    })
+    runner = StudyRunner(r, tmp_path, progress=False)
+    counts = runner.run()
+    by = {t.params["variant"]: t for t in trials_of(runner)}
+    assert by["ok"].state == TrialState.COMPLETE
+    assert by["crash"].state == TrialState.FAIL and "Exploding mixer: boom" in by["crash"].user_attrs["fail_reason"]
+    assert by["oom"].state == TrialState.FAIL and "SIGKILL (out of memory?)" in by["oom"].user_attrs["fail_reason"]
+    assert by["diverge"].state == TrialState.FAIL and "diverged" in by["diverge"].user_attrs["fail_reason"]
+    assert counts == {"complete": 1, "pruned": 0, "failed": 3, "running": 0, "waiting": 0, "interrupted": 0}
+
+
+def test_timeout_fails_the_trial(tmp_path):
+    r = recipe(sampler={"kind": "grid"}, trial={"threads": 1, "timeout_s": 0.5})
+    runner = StudyRunner(r, tmp_path, progress=False)
+    runner.run()
+    (t,) = trials_of(runner)
+    assert t.state == TrialState.FAIL and "timed out after" in t.user_attrs["fail_reason"]
+
+
+def test_pruning_stops_a_hopeless_trial(tmp_path):
+    base = json.loads(json.dumps(TINY["base"]))
+    base["train"].update(steps=12, eval_interval=3, lr=0.01)
+    r = recipe(base=base, sampler={"kind": "grid"}, pruner={"kind": "median", "n_startup_trials": 1},
+               variants={"good": {"train.lr": 0.01}, "hopeless": {"train.lr": 1e-9}})
+    runner = StudyRunner(r, tmp_path, progress=False)
+    runner.run()
+    by = {t.params["variant"]: t for t in trials_of(runner)}
+    assert by["good"].state == TrialState.COMPLETE
+    assert by["hopeless"].state == TrialState.PRUNED
+    assert by["hopeless"].user_attrs["summary"]["steps"] < 12
+
+
+def test_multi_objective_with_a_constraint(tmp_path):
+    r = recipe(objectives=["val_bpb", "peak_memory_mb"], sampler={"kind": "random", "seed": 1},
+               budget={"trials": 2}, space={"model.d_model": [16, 24]}, constraints={"params": 1e9})
+    runner = StudyRunner(r, tmp_path, progress=False)
+    runner.run()
+    done = [t for t in trials_of(runner) if t.state == TrialState.COMPLETE]
+    assert len(done) == 2 and all(len(t.values) == 2 for t in done)
+    assert all(t.system_attrs["constraints:params"] < 0 for t in done)
+    assert runner.study.metric_names == ["val_bpb", "peak_memory_mb"]
+
+
+def _count_complete(db: Path) -> int:
+    """Read-only poll (opening an Optuna storage here could race the coordinator creating the schema)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_sigkill_of_the_coordinator_then_resume_loses_and_repeats_nothing(tmp_path):
+    raw = json.loads(json.dumps(TINY))
+    raw["base"]["train"].update(steps=30, eval_interval=5)
+    raw.update(name="tiny", sampler={"kind": "grid"}, space={"train.seed": [0, 1, 2, 3]})
+    path = tmp_path / "tiny.toml"
+    path.write_text(_to_toml(raw))
+    out, db = tmp_path / "run", tmp_path / "run" / "study.db"
+    cmd = [sys.executable, "-m", "experiments", "study", "run", str(path), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (db.exists() and _count_complete(db) >= 1):
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    study = optuna.load_study(study_name="tiny-cpu", storage=f"sqlite:///{db}")
+    before = {t.number: (t.params["train.seed"], t.value) for t in study.get_trials() if t.state == TrialState.COMPLETE}
+    assert before, "no trial completed before the kill"
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    study = optuna.load_study(study_name="tiny-cpu", storage=f"sqlite:///{db}")
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["train.seed"] for t in complete) == [0, 1, 2, 3]  # every cell once, none twice
+    for number, (seed, value) in before.items():  # nothing completed was lost or rerun
+        assert trials[number].state == TrialState.COMPLETE and trials[number].value == value
+    assert len({t.number for t in trials}) == len(trials)
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            assert "died" in t.user_attrs["fail_reason"]
+
+
+def _to_toml(raw: dict) -> str:
+    lines = []
+
+    def emit(table: dict, prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f'"{k}" = {json.dumps(v)}')
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(raw, "")
+    return "\n".join(lines) + "\n"
