@@ -84,14 +84,11 @@ def ssd_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
     decay = torch.exp(dtf * Af)  # (Bt, T, H)
     state = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
     ys = []
-    for x_t, dt_t, a_t, b_t, c_t in zip(xf.unbind(1), dtf.unbind(1), decay.unbind(1), Bf.unbind(1), Cf.unbind(1)):
-        # x_t (Bt, H, P), dt_t/a_t (Bt, H), b_t/c_t (Bt, H, N)
+    steps = zip(xf.unbind(1), dtf.unbind(1), decay.unbind(1), Bf.unbind(1), Cf.unbind(1), strict=True)
+    for x_t, dt_t, a_t, b_t, c_t in steps:  # x_t (Bt, H, P), dt_t/a_t (Bt, H), b_t/c_t (Bt, H, N)
         state = state * a_t[:, :, None, None] + (x_t * dt_t[:, :, None])[:, :, :, None] * b_t[:, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", state, c_t))
-    if ys:
-        y = torch.stack(ys, dim=1)  # (Bt, T, H, P)
-    else:
-        y = xf.new_zeros(b, 0, h, p)
+    y = torch.stack(ys, dim=1) if ys else xf.new_zeros(b, 0, h, p)  # (Bt, T, H, P)
     y = _skip(y, xf, D).to(dtype)
     return (y, state) if return_final_state else y
 
@@ -114,7 +111,12 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, *,
                 chunk_size: int = 64, initial_state: Tensor | None = None,
                 return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """The chunked SSD algorithm (see the module docstring). Same arguments and results as `ssd_reference`."""
+    """The chunked SSD algorithm (see the module docstring). Same arguments and results as `ssd_reference`.
+
+    The chunks are processed in blocks of several chunks at a time, the state carried from block to block, so
+    that the temporaries stay small (on CPU, tensors above 32 MB are fresh pages from the kernel on every
+    allocation, and cost more than the arithmetic on them).
+    """
     b, t, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -123,15 +125,46 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     q = min(chunk_size, max(t, 1))
     pad = (-t) % q
     xf, dtf, Bf, Cf = x.to(ct), dt.to(ct), B.to(ct), C.to(ct)
-    if pad:
+    if pad:  # dt = 0 past the end: no input, no decay
         xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
         dtf = F.pad(dtf, (0, 0, 0, pad))
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
         Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
-    nc = (t + pad) // q
+    if initial_state is None:
+        state = xf.new_zeros(b, g, n, hg, p)
+    else:  # (Bt, H, P, N) -> (Bt, G, N, Hg, P)
+        state = initial_state.to(ct).view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)
+    per_token = b * h * max(p, q, n)  # elements per token of the largest temporaries
+    block = q * max(1, _BLOCK_ELEMENTS // (per_token * q))
+    Af = A.to(ct)
+    ys = []
+    for xb, dtb, Bb, Cb in zip(xf.split(block, 1), dtf.split(block, 1), Bf.split(block, 1), Cf.split(block, 1),
+                               strict=True):
+        y_b, state = _ssd_block(xb, dtb, Af, Bb, Cb, state, q)
+        ys.append(y_b)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)  # (Bt, T', H, P)
+    y = y[:, :t] if pad else y
+    y = _skip(y, x.to(ct), D).to(dtype)
+    if not return_final_state:
+        return y
+    final = state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # (Bt, H, P, N)
+    return y, final
+
+
+#: elements of the largest temporaries of one block of `ssd_chunked` (16 MB in fp32)
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _ssd_block(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor,
+               q: int) -> tuple[Tensor, Tensor]:
+    """SSD over whole chunks of ``q`` steps from ``state: (Bt, G, N, Hg, P)``; returns ``y`` (no D term) and
+    the state at the end. ``x: (Bt, T, H, P)``, ``dt: (Bt, T, H)``, ``B, C: (Bt, T, G, N)``, T a multiple of q."""
+    b, t, h, p = x.shape
+    g, n = B.shape[2:]
+    hg, nc = h // g, t // q
 
     # decays within each chunk; every exponent below is <= 0 (A <= 0, dt >= 0)
-    a = (dtf * A.to(ct)).view(b, nc, q, h)  # (Bt, c, Q, H)
+    a = (dt * A).view(b, nc, q, h)  # (Bt, c, Q, H)
     acum = a.cumsum(2)  # Σ_{j<=l} a_j
     # Σ_{j>s} a_j, summed directly rather than as acum[-1] - acum[s], so its gradient has no cancellation
     to_end = F.pad(a[:, :, 1:], (0, 0, 0, 1)).flip(2).cumsum(2).flip(2)  # (Bt, c, Q, H)
@@ -141,10 +174,10 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     seg = (acum_h[..., :, None] - acum_h[..., None, :]).clamp(_EXP_MIN, 0.0)  # (Bt, c, H, Q, Q)
     decay_ls = torch.exp(seg)
 
-    xc = xf.view(b, nc, q, h, p)
-    dtc = dtf.view(b, nc, q, h)
-    Bc = Bf.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
-    Cc = Cf.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
+    xc = x.view(b, nc, q, h, p)
+    dtc = dt.view(b, nc, q, h)
+    Bc = B.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
+    Cc = C.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
 
     # 1. within chunks: (C Bᵀ ⊙ decay) (dt x). The diagonal (decay exactly 1) is added apart, so that no
     # gradient flows into the decays through it (it would cancel, but only up to rounding).
@@ -162,22 +195,13 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 
     # 3. carry the state across chunks
     chunk_decay = _exp(acum[:, :, -1, :]).view(b, nc, g, 1, hg, 1)  # (Bt, c, G, 1, Hg, 1)
-    if initial_state is None:
-        state = xf.new_zeros(b, g, n, hg, p)
-    else:  # (Bt, H, P, N) -> (Bt, G, N, Hg, P)
-        state = initial_state.to(ct).view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)
     entering = []
-    for decay_c, add_c in zip(chunk_decay.unbind(1), chunk_states.view(b, nc, g, n, hg, p).unbind(1)):
+    for decay_c, add_c in zip(chunk_decay.unbind(1), chunk_states.view(b, nc, g, n, hg, p).unbind(1), strict=True):
         entering.append(state)
         state = state * decay_c + add_c
     prev = torch.stack(entering, dim=1).view(b, nc, g, n, hg * p)  # (Bt, c, G, N, Hg*P)
 
-    # 4. what the carried state contributes: exp(acum) · C state
+    # 4. what the carried state contributes, exp(acum) · C state, plus the within-chunk part
     y_off = (Cc @ prev).view(b, nc, g, q, hg, p).transpose(2, 3).reshape(b, nc, q, h, p)  # (Bt, c, Q, H, P)
-    y = y_off * _exp(acum)[..., None] + y_diag.transpose(2, 3)  # (Bt, c, Q, H, P)
-    y = y.reshape(b, nc * q, h, p)[:, :t]
-    y = _skip(y, xf[:, :t], D).to(dtype)
-    if not return_final_state:
-        return y
-    final = state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # (Bt, H, P, N)
-    return y, final
+    y = y_off * _exp(acum)[..., None] + y_diag.transpose(2, 3)  # (Bt, c, Q, H, P), contiguous like y_off
+    return y.view(b, t, h, p), state
