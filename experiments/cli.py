@@ -69,7 +69,7 @@ OPTIONAL = {
     "causal_conv1d": "CUDA causal conv for mamba (extra: cuda)",
     "xformers": "memory-efficient attention kernels (extra: cuda)",
     "datasets": "Hugging Face corpora (extra: hf)",
-    "psycopg2": "PostgreSQL storage for multi-machine studies (extra: dev)",
+    "psycopg": "PostgreSQL storage for multi-machine studies (extra: postgres)",
     "mambapy": "peer in benchmarks (extra: bench)",
     "transformers": "peer in benchmarks (extra: bench)",
 }

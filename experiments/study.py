@@ -382,7 +382,7 @@ def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
         return RDBStorage(url, **kwargs)
     except (ImportError, ModuleNotFoundError) as exc:
         raise RecipeError(f"storage {url.split('://')[0]}: a driver is missing ({exc}); for PostgreSQL "
-                          f"pip install psycopg2-binary") from None
+                          f"pip install 'mixerlab[postgres]' (psycopg 3)") from None
     except optuna.exceptions.StorageInternalError as exc:
         raise RecipeError(f"cannot open storage {url}: {exc}") from None
 
