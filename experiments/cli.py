@@ -160,6 +160,21 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "stopped") else 1
 
 
+# measure ----------------------------------------------------------------------------------------------------
+def _configure_measure(p: argparse.ArgumentParser) -> None:
+    from experiments.measure import configure_parser
+
+    configure_parser(p)
+
+
+@command("measure", "measure memory, speed, long-context behaviour and decoding of a mixer or model, each case "
+                    "in a fresh process")(_configure_measure)
+def _run_measure(args: argparse.Namespace) -> int:
+    from experiments.measure import run_cli
+
+    return run_cli(args)
+
+
 # study / reproduce ------------------------------------------------------------------------------------------
 def _study_args(p: argparse.ArgumentParser, *, storage_required: bool = False) -> None:
     p.add_argument("recipe", help="a recipe name (see `mixerlab study list`) or a path to a recipe .toml")
