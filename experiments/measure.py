@@ -412,7 +412,8 @@ def bench_decode(target: dict[str, Any], *, context: int, steps: int = 32, batch
                  dtype: str = "float32", seed: int = 0, warmup_steps: int = 4) -> dict[str, Any]:
     """Prefill ``context`` tokens into the target's decoding cache, then time ``steps`` single-token steps.
 
-    Returns the median per-token latency (``latency_s``), tokens/s (``batch / latency``), the prefill time,
+    Returns the median per-token latency (``latency_s``; ``latency_min_s``, the fastest step, is the
+    steadier number on a busy machine), tokens/s (``batch / latency``), the prefill time,
     the cache's measured bytes after the prefill (``cache_bytes``, from ``cache.nbytes()``) beside the
     analytic ``state_bytes(context)``, and the peak memory of the prefill (the cache included; the prefill
     time is taken with the allocator in `PeakMemory`'s precise mode, so it is a little pessimistic).
@@ -476,7 +477,7 @@ def bench_decode(target: dict[str, Any], *, context: int, steps: int = 32, batch
     latency = statistics.median(times)
     out = _analytic(module, target, context, batch, dtype)
     out.update(label=target.get("label"), context=context, steps=steps, batch=batch, dtype=dtype, device=device,
-               latency_s=latency, latency_mean_s=statistics.fmean(times), latencies_s=times,
+               latency_s=latency, latency_min_s=min(times), latency_mean_s=statistics.fmean(times), latencies_s=times,
                tokens_per_s=batch / latency, prefill_s=prefill_s, prefill_tokens_per_s=batch * context / prefill_s,
                cache_bytes=cache_bytes, final_length=total, final_cache_bytes=final_bytes,
                final_state_bytes=module.state_bytes(total, batch, dt), peak_bytes=pm.peak_bytes,
@@ -695,7 +696,10 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _mib(b: float | None) -> str:
-    return "-" if b is None else f"{b / 2**20:,.1f}"
+    if b is None:
+        return "-"
+    m = b / 2**20
+    return f"{m:,.1f}" if m >= 10 or m == 0 else f"{m:.3g}"
 
 
 def _fmt(v: float | None, spec: str = ".3g") -> str:
@@ -729,15 +733,21 @@ def _render(what: str, result: dict[str, Any]) -> tuple[list[str], list[list[str
             notes.append(f"largest T within {b['budget_bytes'] / 2**30:g} GiB: {t}, {b['how']}{est}"
                          + (f"; {b['note']}" if b.get("note") else ""))
     elif what == "decode":
-        header = ["context", "ms/token", "tokens/s", "prefill (s)", "cache MiB (measured)", "cache MiB (analytic)",
-                  "peak MiB", "status"]
+        header = ["context", "ms/token (median)", "ms/token (min)", "tokens/s", "prefill (s)",
+                  "cache MiB (measured)", "cache MiB (analytic)", "MFLOP/step (analytic)", "prefill peak MiB",
+                  "status"]
         rows = [[str(r["context"]), _fmt(r["latency_s"] * 1e3 if "latency_s" in r else None, ".3f"),
+                 _fmt(r["latency_min_s"] * 1e3 if "latency_min_s" in r else None, ".3f"),
                  _fmt(r.get("tokens_per_s"), ",.1f"), _fmt(r.get("prefill_s")), _mib(r.get("cache_bytes")),
-                 _mib(r.get("state_bytes")), _mib(r.get("peak_bytes")), r["status"]] for r in result["rows"]]
-        notes.append(_fit_line("per-token latency", result["fit"]["latency"], "L"))
+                 _mib(r.get("state_bytes")),
+                 _fmt(r["decode_flops_per_token"] / 1e6 if r.get("decode_flops_per_token") else None, ".4g"),
+                 _mib(r.get("peak_bytes")), r["status"]] for r in result["rows"]]
+        notes.append(_fit_line("per-token latency (median)", result["fit"]["latency"], "L"))
+        notes.append(_fit_line("per-token latency (min)", result["fit"]["latency_min"], "L"))
         notes.append(_fit_line("cache bytes", result["fit"]["cache_bytes"], "L"))
         if result.get("growth") is not None:
-            notes.append(f"latency at the longest context / at the shortest: {result['growth']:.2f}x")
+            notes.append(f"latency at the longest context / at the shortest: {result['growth']:.2f}x (median), "
+                         f"{result['growth_min']:.2f}x (min)")
     elif result["probe"] == "loss_vs_length":
         header = ["length", "x train", "loss", "ppl", "loss ≤ train len", "loss > train len", "status"]
         rows = [[str(r["seq_len"]), f"{r['multiplier']:g}", _fmt(r.get("loss"), ".4f"), _fmt(r.get("ppl"), ".3f"),

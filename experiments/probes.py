@@ -171,8 +171,8 @@ def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int 
                  on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Per-token decoding latency and cache bytes after prefilling each context length (fresh process each).
 
-    ``growth`` is the ratio of the per-token latency at the longest context to that at the shortest, and
-    ``fit`` the fitted exponent of latency vs context.
+    ``growth`` is the ratio of the per-token latency at the longest context to that at the shortest
+    (``growth_min`` the same for the fastest step of each), and ``fit`` the fitted exponents vs context.
     """
     contexts = sorted(set(int(c) for c in contexts))
     limit = length_limit(target)
@@ -194,13 +194,14 @@ def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int 
         if on_row is not None:
             on_row(row)
     ok = [r for r in rows if r.get("status") == "ok"]
-    lat = [r["latency_s"] for r in ok]
+    xs = [r["context"] for r in ok]
+    lat, lat_min = [r["latency_s"] for r in ok], [r["latency_min_s"] for r in ok]
     out: dict[str, Any] = {"probe": "decode", "target": target, "steps": steps, "batch": batch, "device": device,
                            "dtype": dtype, "threads": threads, "rows": rows,
-                           "fit": {"latency": fit_power_law([r["context"] for r in ok], lat),
-                                   "cache_bytes": fit_power_law([r["context"] for r in ok],
-                                                                [r["cache_bytes"] for r in ok])}}
+                           "fit": {"latency": fit_power_law(xs, lat), "latency_min": fit_power_law(xs, lat_min),
+                                   "cache_bytes": fit_power_law(xs, [r["cache_bytes"] for r in ok])}}
     out["growth"] = lat[-1] / lat[0] if len(lat) >= 2 and lat[0] > 0 else None
+    out["growth_min"] = lat_min[-1] / lat_min[0] if len(lat) >= 2 and lat_min[0] > 0 else None
     return out
 
 
