@@ -1,0 +1,46 @@
+import pytest
+
+from experiments.cli import main
+from experiments.config import ConfigError, apply_overrides, build_specs, load_toml, parse_value
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("1e-3") == 1e-3 and parse_value("true") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("mamba") == "mamba" and parse_value('"x y"') == "x y"
+
+
+def test_overrides_and_specs(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\npreset = "transformer"\nd_model = 32\n[train]\nsteps = 5\n[data]\ntask = "mqar"\n')
+    config = apply_overrides(load_toml(path), ["model.n_layers=3", "train.lr=1e-3", "data.options.num_kv_pairs=2"])
+    model, train, data = build_specs(config)
+    assert (model.d_model, model.n_layers, model.positions) == (32, 3, "rope")
+    assert train.steps == 5 and train.lr == 1e-3 and data.task == "mqar" and data.options == {"num_kv_pairs": 2}
+
+
+def test_errors_name_the_key():
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides({}, ["model.d_model"])
+    with pytest.raises(ConfigError, match="must start with one of model, train, data"):
+        apply_overrides({}, ["modle.d_model=3"])
+    with pytest.raises(ConfigError, match="no field 'd_modl'.*d_model"):
+        build_specs({"model": {"d_modl": 3}})
+    with pytest.raises(ConfigError, match="unknown config section"):
+        build_specs({"optimizer": {}})
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--mixer", "attention", "--steps", "3", "--out", str(out), "--no-progress",
+                 "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "train.batch_size=2",
+                 "train.seq_len=16", "train.eval_batches=1", "train.warmup_steps=1"])
+    text = capsys.readouterr().out
+    assert code == 0 and (out / "summary.json").exists()
+    assert "val bits per byte" in text and "unigram baseline" in text
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    code = main(["train", "--mixer", "atention", "--out", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "did you mean 'attention'" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,108 @@
+import json
+import math
+
+import pytest
+import torch
+
+from archs.model import LanguageModel, ModelSpec
+from experiments.train import DataSpec, Pruned, RunError, TrainSpec, _param_groups, train
+
+MODEL = ModelSpec(d_model=16, n_layers=1, n_heads=2, mlp="none", positions="rope")
+TRAIN = TrainSpec(steps=8, batch_size=2, seq_len=16, eval_interval=4, eval_batches=1, warmup_steps=2,
+                  log_interval=1)
+
+
+def losses(out) -> list[float]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["event"] == "train"]
+
+
+def test_same_seed_same_curve_and_summary(tmp_path):
+    a = train(MODEL, TRAIN, DataSpec(), tmp_path / "a", progress=False)
+    b = train(MODEL, TRAIN, DataSpec(), tmp_path / "b", progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert a["final"] == b["final"] and a["status"] == "completed" and a["steps"] == 8
+    c = train(MODEL, TrainSpec(**{**TRAIN.to_dict(), "seed": 1}), DataSpec(), tmp_path / "c", progress=False)
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    for key in ("model", "train", "data", "final", "backends", "machine", "dataset", "wall_seconds"):
+        assert key in s
+    assert s["dataset"]["corpus"]["content_hash"] and s["final"]["val_bpb"] > 0
+    assert s["final"]["val_ppl"] == pytest.approx(math.exp(s["final"]["val_loss"]))
+
+
+def test_resume_gives_the_same_result(tmp_path):
+    straight = train(MODEL, TRAIN, DataSpec(), tmp_path / "straight", progress=False)
+    stopped = train(MODEL, TRAIN, DataSpec(), tmp_path / "resumed", progress=False, stop_at=5)
+    assert stopped["status"] == "stopped" and stopped["steps"] == 5
+    resumed = train(MODEL, TRAIN, DataSpec(), tmp_path / "resumed", progress=False)
+    assert resumed["status"] == "completed"
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert resumed["final"] == straight["final"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_directory_of_another_run_is_refused(tmp_path):
+    train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False, stop_at=2)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunError, match="different model specs"):
+        train(MODEL.replace(d_model=24), TRAIN, DataSpec(), tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # nothing lost
+
+
+def test_divergence_is_a_status_not_a_traceback(tmp_path):
+    spec = TrainSpec(**{**TRAIN.to_dict(), "lr": 1e12, "grad_clip": 0.0, "warmup_steps": 0})
+    s = train(MODEL, spec, DataSpec(), tmp_path, progress=False)
+    assert s["status"] == "diverged" and s["steps"] < 8
+    assert any(json.loads(x)["event"] == "diverged" for x in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def test_eval_callback_can_prune(tmp_path):
+    seen = []
+
+    def on_eval(step, metrics):
+        seen.append((step, metrics["val_bpb"]))
+        raise Pruned()
+
+    s = train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False, on_eval=on_eval)
+    assert s["status"] == "pruned" and s["steps"] == 4 and seen[0][0] == 4
+
+
+def test_task_training_reports_accuracy(tmp_path):
+    spec = TrainSpec(steps=2, batch_size=4, seq_len=32, eval_interval=2, eval_examples=4, warmup_steps=1)
+    s = train(MODEL, spec, DataSpec(task="mqar", options={"vocab_size": 64, "num_kv_pairs": 2}), tmp_path,
+              progress=False)
+    assert 0.0 <= s["final"]["accuracy"] <= 1.0 and "by" in s["final"]
+    assert s["model"]["vocab_size"] == 64  # taken from the task
+
+
+def test_validation_happens_before_work(tmp_path):
+    with pytest.raises(RunError, match="exceed the model's learned positions"):
+        train(MODEL.replace(positions="learned", max_seq_len=8), TRAIN, DataSpec(), tmp_path, progress=False)
+    with pytest.raises(RunError, match="TrainSpec.precision"):
+        TrainSpec(precision="fp8")
+    with pytest.raises(RunError, match="no field 'step'.*steps"):
+        TrainSpec.from_dict({"step": 3})
+    with pytest.raises(RunError, match="corpus or a task, not both"):
+        DataSpec(corpus="textfile", task="mqar")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_schedule_and_token_budget():
+    spec = TrainSpec(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert spec.lr_at(0) == pytest.approx(0.1) and spec.lr_at(9) == pytest.approx(1.0)
+    assert spec.lr_at(99) == pytest.approx(0.1, abs=1e-3)
+    assert TrainSpec(tokens=1000, batch_size=2, seq_len=100).total_steps == 5
+
+
+def test_no_weight_decay_on_norms_biases_and_ssm_parameters():
+    model = LanguageModel(ModelSpec(d_model=16, n_layers=2, pattern="MA", n_heads=2, bias=True, norm="layernorm"))
+    decay, no_decay = _param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no = {names[id(p)] for p in no_decay["params"]}
+    yes = {names[id(p)] for p in decay["params"]}
+    assert "blocks.0.mixer.A_log" in no and "blocks.0.mixer.D" in no and "blocks.0.norm1.weight" in no
+    assert "blocks.0.mixer.in_proj.weight" in yes and "blocks.1.mixer.wqkv.weight" in yes
+    assert not any(n.endswith(".bias") for n in yes)
