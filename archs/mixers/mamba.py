@@ -119,6 +119,7 @@ class Mamba(Mixer):
             raise ValueError(f"expand={opts.expand} gives d_inner={self.d_inner} for d_model={d_model}")
         self.dt_rank = math.ceil(d_model / 16) if opts.dt_rank == "auto" else opts.dt_rank
         e, n, r = self.d_inner, self.d_state, self.dt_rank
+        # built in mamba-ssm's order, so that one seed gives the same weights in both
         self.in_proj = nn.Linear(d_model, 2 * e, bias=opts.bias)
         self.conv1d = nn.Conv1d(e, e, kernel_size=opts.d_conv, groups=e, padding=opts.d_conv - 1,
                                 bias=opts.conv_bias)
@@ -126,14 +127,20 @@ class Mamba(Mixer):
         self.dt_proj = nn.Linear(r, e, bias=True)
         self.A_log = nn.Parameter(torch.empty(e, n, dtype=torch.float32))  # fp32, like mamba-ssm
         self.D = nn.Parameter(torch.empty(e, dtype=torch.float32))
+        self._init_ssm()
         self.out_proj = nn.Linear(e, d_model, bias=opts.bias)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """mamba-ssm's initialisation (the linear layers and the convolution keep torch's defaults)."""
-        opts = self.opts
-        for mod in (self.in_proj, self.conv1d, self.x_proj, self.dt_proj, self.out_proj):
+        """mamba-ssm's initialisation, drawing random numbers in its order (linear layers and the
+        convolution keep torch's defaults)."""
+        for mod in (self.in_proj, self.conv1d, self.x_proj, self.dt_proj):
             mod.reset_parameters()
+        self._init_ssm()
+        self.out_proj.reset_parameters()
+
+    def _init_ssm(self) -> None:
+        """dt_proj (weight and bias), A_log and D, as mamba-ssm initialises them."""
+        opts = self.opts
         std = self.dt_rank**-0.5 * opts.dt_scale
         with torch.no_grad():
             if opts.dt_init == "constant":
