@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -227,7 +228,7 @@ def _run_and_report(args: argparse.Namespace, create: bool = True) -> int:
         paths = _report(runner)
         table = paths.get("table.md") if isinstance(paths, dict) else None
         if table:
-            print(open(table).read())
+            print(Path(table).read_text())
         print(f"report written to {runner.out}")
     return 0
 

@@ -188,7 +188,8 @@ class Recipe:
         variants = {str(k): dict(v) for k, v in doc.get("variants", {}).items()}
         for vname, values in variants.items():
             if not isinstance(values, dict) or not values:
-                raise RecipeError(f"variants.{vname}: give a table of field = value, e.g. {{\"model.mixer\" = \"mamba\"}}")
+                raise RecipeError(f"variants.{vname}: give a table of field = value, "
+                                  f"e.g. {{\"model.mixer\" = \"mamba\"}}")
         objectives = cls._parse_objectives(doc.get("objectives", ["val_bpb"]))
         constraints = {str(k): float(v) for k, v in doc.get("constraints", {}).items()}
         _unknown("constraints", constraints, METRICS)
@@ -279,7 +280,8 @@ class Recipe:
     def grid_cells(self) -> list[dict[str, Any]]:
         axes = ([("variant", list(self.variants))] if self.variants else []) + [
             (p.path, list(p.choices)) for p in self.space]
-        return [dict(zip([a for a, _ in axes], combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
+        names = [a for a, _ in axes]
+        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
 
     def config_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """The ``{"model", "train", "data"}`` config of one trial's parameters."""
@@ -475,6 +477,7 @@ class StudyRunner:
         # we drive heartbeats and stale-trial recovery ourselves around ask/tell, on purpose
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours (see _run_trial)
         self._check_out_dir()
         self.storage = make_storage(self.storage_url, *self.heartbeat)
         deadline = time.time() + wait_s
@@ -643,6 +646,7 @@ class StudyRunner:
         finally:
             heartbeat.join()
         state, reason, summary, final = outcome
+        params = trial.params
         try:
             if summary is not None:
                 trial.set_user_attr("summary", _compact(summary))
@@ -651,8 +655,13 @@ class StudyRunner:
                 for metric, limit in self.recipe.constraints.items():
                     trial.set_constraint(metric, _metric(summary, metric) - limit)
                 self.study.tell(trial, values if self.recipe.multi_objective else values[0])
+                shown = ", ".join(f"{m}={v:.4g}" for (m, _), v in zip(self.recipe.objectives, values, strict=True))
+                self.log(f"trial {trial.number} ({_fmt(params)}): {shown} "
+                         f"[{summary.get('train_seconds', 0):.0f} s]")
             elif state == "pruned":
                 self.study.tell(trial, state=TrialState.PRUNED)
+                self.log(f"trial {trial.number} ({_fmt(params)}): pruned at step {summary.get('steps', '?')}"
+                         if summary else f"trial {trial.number}: pruned")
             else:
                 trial.set_user_attr("fail_reason", reason)
                 if final:

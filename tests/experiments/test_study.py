@@ -190,6 +190,7 @@ def test_sigkill_of_the_coordinator_then_resume_loses_and_repeats_nothing(tmp_pa
     assert sorted(t.params["train.seed"] for t in complete) == [0, 1, 2, 3]  # every cell once, none twice
     for number, (seed, value) in before.items():  # nothing completed was lost or rerun
         assert trials[number].state == TrialState.COMPLETE and trials[number].value == value
+        assert trials[number].params["train.seed"] == seed
     assert len({t.number for t in trials}) == len(trials)
     for t in trials:
         if t.state == TrialState.FAIL:

@@ -114,7 +114,7 @@ def test_three_workers_one_killed(postgres_url, tmp_path):
     recipe.write_text(RECIPE)
     common = [str(recipe), "--storage", url, "--heartbeat", "1", "--no-progress"]
     py = [sys.executable, "-m", "experiments", "study"]
-    logs = [open(tmp_path / f"w{i}.log", "w") for i in range(3)]
+    logs = [open(tmp_path / f"w{i}.log", "w") for i in range(3)]  # noqa: SIM115 — closed below
     first = subprocess.Popen([*py, "run", *common, "--out", str(tmp_path / "w0")], stdout=logs[0], stderr=logs[0])
     storage = optuna.storages.RDBStorage(url)
     deadline = time.time() + 120

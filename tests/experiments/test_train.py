@@ -22,7 +22,7 @@ def test_same_seed_same_curve_and_summary(tmp_path):
     b = train(MODEL, TRAIN, DataSpec(), tmp_path / "b", progress=False)
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert a["final"] == b["final"] and a["status"] == "completed" and a["steps"] == 8
-    c = train(MODEL, TrainSpec(**{**TRAIN.to_dict(), "seed": 1}), DataSpec(), tmp_path / "c", progress=False)
+    train(MODEL, TrainSpec(**{**TRAIN.to_dict(), "seed": 1}), DataSpec(), tmp_path / "c", progress=False)
     assert losses(tmp_path / "c") != losses(tmp_path / "a")
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     for key in ("model", "train", "data", "final", "backends", "machine", "dataset", "wall_seconds"):
