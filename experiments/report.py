@@ -736,8 +736,9 @@ def _scaling(figs: _Figures, study: Any, rows: list[dict[str, Any]], metric: str
         if n_others:
             ax.scatter([], [], color="grey", alpha=0.3, s=18, label=f"other runs at the same size ({n_others})")
         what = "parameters" if xkey == "params" else "FLOPs per token"
-        ax.set_title(f"{metric} vs {what}" + (" — best per size, least-squares power law per family"
-                                              if minimize else " — best per size"))
+        how = "best per size" + (", least-squares power law per family" if fits.get(xkey) else
+                                 ", no fit (no family has 2+ sizes)" if minimize else "")
+        ax.set_title(f"{metric} vs {what} — {how}")
         _legend(ax)
         figs.save(fig, name)
 
@@ -769,17 +770,19 @@ def _learning_curves(figs: _Figures, study: Any, trials: list[Any], rows: list[d
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=family_colour(fam), ls=styles.get(r["status"], "-"),
                 marker=figs.markers[fam], ms=3.5, lw=figs.width(r), alpha=0.9, label=label)
     _log_axis(ax, "x")
-    notes = ["thicker: larger"] + ([] if per_trial else ["dashed: pruned, dotted: failed"])
-    if minimize:  # a first evaluation near the random-init loss would squash the rest of the curves
+    sized = any(len({r["params"] for r, _ in curves if r["family"] == fam}) > 1 for fam in seen)
+    notes = (["thicker lines: larger models"] if sized else []) + (
+        [] if per_trial else ["dashed: pruned, dotted: failed"])
+    if minimize and min(len(pts) for _, pts in curves) >= 3:  # a first evaluation near the random-init loss
         first = max(pts[0][1] for _, pts in curves)
         top = max(pts[1][1] if len(pts) > 1 else pts[0][1] for _, pts in curves)
         lowest = min(p[1] for _, pts in curves for p in pts)
         if top > lowest and first > top + 0.5 * (top - lowest):
             ax.set_ylim(lowest - 0.05 * (top - lowest), top + 0.05 * (top - lowest))
-            notes.append("early evaluations above the top of the axis")
+            notes.append("first evaluations above the axis")
     ax.set_xlabel("training tokens (log scale)")
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(f"Learning curves: {metric} vs training tokens" + (f" ({'; '.join(notes)})" if notes else ""))
+    ax.set_title(f"Learning curves: {metric} vs training tokens" + (f"\n({'; '.join(notes)})" if notes else ""))
     _legend(ax)
     figs.save(fig, "learning_curves")
 

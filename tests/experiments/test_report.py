@@ -153,7 +153,8 @@ def corpus(tmp_path_factory):
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("report-task")
     study = make_task_study(f"sqlite:///{root / 'study.db'}")
-    return study, write_report(study, root / "out"), root / "out"
+    figures = ["pareto", "accuracy_vs_len", "history", "learning_curves", "memory_time_vs_len"]
+    return study, write_report(study, root / "out", figures=figures), root / "out"
 
 
 def md_rows(path) -> list[list[str]]:
