@@ -2,7 +2,8 @@
 
 A **recipe** (TOML; `experiments/recipes/*.toml` or any path) names the base run (``[base.model]``,
 ``[base.train]``, ``[base.data]``), a search ``[space]`` over any field by dotted path, named ``[variants]``
-(bundles of field values, e.g. ``attention`` vs ``mamba``), the objectives, constraints, sampler, pruner and
+(bundles of field values, e.g. ``attention`` vs ``mamba``) and further named axes of bundles
+(``[axes.length]`` with ``T64 = {"data.options.seq_len" = 64, "data.options.num_kv_pairs" = 4}``), the objectives, constraints, sampler, pruner and
 budget, and per-scale overrides (``[scale.smoke]``, ``[scale.cpu]``, ``[scale.gpu]``, deep-merged over the
 rest). It is validated — every grid cell or range corner built into specs — before anything runs.
 
@@ -69,7 +70,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
 }
 CORPUS_METRICS = {"val_bpb", "val_loss", "val_ppl"}
 TASK_METRICS = {"accuracy", "exact_match"}
-TOP_KEYS = ("name", "description", "base", "space", "variants", "objectives", "constraints", "sampler", "pruner",
+TOP_KEYS = ("name", "description", "base", "space", "variants", "axes", "objectives", "constraints", "sampler", "pruner",
             "budget", "trial", "report", "scale")
 FINISHED_FAIL = "final"  # user attr set on trials that failed for a reason of their own (not interrupted)
 
@@ -147,7 +148,7 @@ class Recipe:
     description: str
     base: dict[str, Any]
     space: tuple[Param, ...]
-    variants: dict[str, dict[str, Any]]
+    axes: dict[str, dict[str, dict[str, Any]]]  # axis -> bundle name -> {path: value}; "variant" first
     objectives: tuple[tuple[str, str], ...]  # (metric, direction)
     constraints: dict[str, float]  # metric -> maximum
     sampler: dict[str, Any]
@@ -185,11 +186,17 @@ class Recipe:
         base = doc.get("base", {})
         _unknown("recipe [base]", base, ("model", "train", "data"))
         space = tuple(Param.parse(p, s) for p, s in doc.get("space", {}).items())
-        variants = {str(k): dict(v) for k, v in doc.get("variants", {}).items()}
-        for vname, values in variants.items():
-            if not isinstance(values, dict) or not values:
-                raise RecipeError(f"variants.{vname}: give a table of field = value, "
-                                  f"e.g. {{\"model.mixer\" = \"mamba\"}}")
+        raw_axes = {"variant": doc.get("variants", {}), **doc.get("axes", {})}
+        axes: dict[str, dict[str, dict[str, Any]]] = {}
+        for axis, bundles in raw_axes.items():
+            if axis in {p.path for p in space}:
+                raise RecipeError(f"axis {axis!r} is also a [space] field; rename the axis")
+            for bname, values in bundles.items():
+                if not isinstance(values, dict) or not values:
+                    raise RecipeError(f"{axis}.{bname}: give a table of field = value, "
+                                      f"e.g. {{\"model.mixer\" = \"mamba\"}}")
+            if bundles:
+                axes[str(axis)] = {str(k): dict(v) for k, v in bundles.items()}
         objectives = cls._parse_objectives(doc.get("objectives", ["val_bpb"]))
         constraints = {str(k): float(v) for k, v in doc.get("constraints", {}).items()}
         _unknown("constraints", constraints, METRICS)
@@ -203,7 +210,7 @@ class Recipe:
         trial = dict(doc.get("trial", {}))
         _unknown("trial", trial, ("timeout_s", "threads"))
         recipe = cls(name=name, scale=scale, description=doc.get("description", ""), base=base, space=space,
-                     variants=variants, objectives=objectives, constraints=constraints, sampler=sampler,
+                     axes=axes, objectives=objectives, constraints=constraints, sampler=sampler,
                      pruner=pruner, trials=budget.get("trials"), timeout_s=budget.get("timeout_s"),
                      trial_timeout_s=float(trial.get("timeout_s", 3600)), threads=trial.get("threads"),
                      report=dict(doc.get("report", {})), source=source)
@@ -273,33 +280,33 @@ class Recipe:
     def configs_to_validate(self) -> list[dict[str, Any]]:
         if self.grid:
             return self.grid_cells()
-        axes = [p.corners() for p in self.space] + ([list(self.variants)] if self.variants else [])
-        names = [p.path for p in self.space] + (["variant"] if self.variants else [])
+        axes = [list(b) for b in self.axes.values()] + [p.corners() for p in self.space]
+        names = list(self.axes) + [p.path for p in self.space]
         return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*axes)][:64]
 
     def grid_cells(self) -> list[dict[str, Any]]:
-        axes = ([("variant", list(self.variants))] if self.variants else []) + [
-            (p.path, list(p.choices)) for p in self.space]
+        axes = [(a, list(b)) for a, b in self.axes.items()] + [(p.path, list(p.choices)) for p in self.space]
         names = [a for a, _ in axes]
         return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
 
     def config_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """The ``{"model", "train", "data"}`` config of one trial's parameters."""
         config = copy.deepcopy(self.base)
-        if "variant" in params:
-            if params["variant"] not in self.variants:
-                raise RecipeError(f"unknown variant {params['variant']!r}; variants: {', '.join(self.variants)}")
-            for path, value in self.variants[params["variant"]].items():
-                set_path(config, path, value)
+        for axis, bundles in self.axes.items():
+            if axis in params:
+                if params[axis] not in bundles:
+                    raise RecipeError(f"unknown {axis} {params[axis]!r}; valid: {', '.join(bundles)}")
+                for path, value in bundles[params[axis]].items():
+                    set_path(config, path, value)
         for path, value in params.items():
-            if path != "variant":
+            if path not in self.axes:
                 set_path(config, path, value)
         return config
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         params = {}
-        if self.variants:
-            params["variant"] = trial.suggest_categorical("variant", list(self.variants))
+        for axis, bundles in self.axes.items():
+            params[axis] = trial.suggest_categorical(axis, list(bundles))
         for p in self.space:
             params[p.path] = p.suggest(trial)
         return params

@@ -161,7 +161,8 @@ class _CorpusData:
         return self.corpus.sample_batch("train", batch_size, self.seq_len, generator)
 
     @torch.no_grad()
-    def evaluate(self, model: LanguageModel, train: TrainSpec, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: LanguageModel, train: TrainSpec, device: torch.device,
+                 final: bool = True) -> dict[str, float]:
         total, count = 0.0, 0
         for x, y in self.corpus.eval_batches("val", train.batch_size, self.seq_len, train.eval_batches):
             loss = model.loss(x.to(device), y.to(device))
@@ -192,10 +193,33 @@ class _TaskData:
         return self.task.train_batch(batch_size, generator)
 
     @torch.no_grad()
-    def evaluate(self, model: LanguageModel, train: TrainSpec, device: torch.device) -> dict[str, Any]:
-        report = self.task.evaluate(lambda ids: model(ids.to(device)).cpu(), self.task.test_set(self.examples),
-                                    batch_size=train.batch_size)
-        return {"accuracy": report["accuracy"], "exact_match": report["exact_match"], "by": report["by"]}
+    def evaluate(self, model: LanguageModel, train: TrainSpec, device: torch.device,
+                 final: bool = True) -> dict[str, Any]:
+        """Accuracy on the fixed test set: every slice at the end, the training-length slices before.
+
+        Slices longer than a model with learned positions can run are reported as not applicable (None)."""
+        from experiments.tasks import accuracy_report
+
+        test_set = self.task.test_set(self.examples)
+        if not final:
+            test_set = [b for b in test_set if b.inputs.shape[1] == self.seq_len] or test_set
+        limit = model.spec.max_seq_len if model.spec.positions == "learned" else None
+        runnable = [b for b in test_set if limit is None or b.inputs.shape[1] <= limit]
+        skipped = [b for b in test_set if b not in runnable]
+        outputs = []
+        for batch in runnable:
+            chunks = [model(batch.inputs[i: i + train.batch_size].to(device)).argmax(-1).cpu()
+                      for i in range(0, len(batch), train.batch_size)]
+            outputs.append(torch.cat(chunks))
+        report = accuracy_report(outputs, runnable)
+        by = report["by"]
+        for batch in skipped:  # n/a: beyond the learned position table
+            for attr, value in batch.attrs.items():
+                by.setdefault(attr, {})[value] = None
+        out = {"accuracy": report["accuracy"], "exact_match": report["exact_match"], "by": by}
+        if skipped:
+            out["not_applicable"] = f"inputs longer than max_seq_len={limit} (learned positions)"
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.task.describe()}
@@ -348,7 +372,7 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
             if done % train_spec.eval_interval == 0 or done == total:
                 model.eval()
                 with autocast:
-                    last_eval = data.evaluate(model, train_spec, device)
+                    last_eval = data.evaluate(model, train_spec, device, final=done == total)
                 _log(log, {"event": "eval", "step": done, **last_eval})
                 evals.append({"step": done, "tokens": done * tokens_per_step,
                               **{k: v for k, v in last_eval.items() if isinstance(v, (int, float))}})

@@ -106,3 +106,13 @@ def test_no_weight_decay_on_norms_biases_and_ssm_parameters():
     assert "blocks.0.mixer.A_log" in no and "blocks.0.mixer.D" in no and "blocks.0.norm1.weight" in no
     assert "blocks.0.mixer.in_proj.weight" in yes and "blocks.1.mixer.wqkv.weight" in yes
     assert not any(n.endswith(".bias") for n in yes)
+
+
+def test_task_lengths_beyond_learned_positions_are_not_applicable(tmp_path):
+    spec = TrainSpec(steps=2, batch_size=4, seq_len=16, eval_interval=2, eval_examples=2, warmup_steps=1)
+    model = MODEL.replace(positions="learned", max_seq_len=16)
+    s = train(model, spec, DataSpec(task="induction", options={"test_multipliers": [1, 2, 4]}), tmp_path,
+              progress=False)
+    by = s["final"]["by"]["seq_len"]
+    assert by[16] is not None and by[32] is None and by[64] is None
+    assert "learned positions" in s["final"]["not_applicable"]
