@@ -643,6 +643,21 @@ def _axis_label(metric: str, direction: str | None = None) -> str:
     return label
 
 
+def _labeller(n_curves: int) -> Callable[[dict[str, Any]], str | None]:
+    """Legend labels: one per trial when there are few curves, else one per family."""
+    seen: set[str] = set()
+
+    def label(row: dict[str, Any]) -> str | None:
+        if n_curves <= 10:
+            return _trial_label(row)
+        if row["family"] in seen:
+            return None
+        seen.add(row["family"])
+        return row["family"]
+
+    return label
+
+
 def _trial_label(row: dict[str, Any]) -> str:
     size = f", {fmt_number(row['params'], 3)} params" if row.get("params") else ""
     return f"#{row['trial']} {row['family']}{size}"
@@ -793,16 +808,18 @@ def _length_plots(figs: _Figures, trials: list[Any], rows: list[dict[str, Any]])
     mem = [(r, m) for r, m in mem if m]
     if mem and figs.want("memory_time_vs_len"):
         fig, axes = figs.new(ncols=2, size=(6.0, 4.6))
+        label = _labeller(len(mem))
         for r, m in mem:
             kw = {"color": family_colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4,
-                  "lw": figs.width(r), "label": _trial_label(r)}
+                  "lw": figs.width(r)}
+            name = label(r)
             xs = [p["seq_len"] for p in m]
             ax_m = [(x, p["peak_bytes"] / 2**20) for x, p in zip(xs, m, strict=True) if _num(p.get("peak_bytes"))]
             ax_t = [(x, p["time_s"]) for x, p in zip(xs, m, strict=True) if _num(p.get("time_s"))]
-            if ax_m:
-                axes[0].plot(*zip(*ax_m, strict=True), **kw)
-            if ax_t:
-                axes[1].plot(*zip(*ax_t, strict=True), **kw)
+            for ax, pts, k in ((axes[0], ax_m, r.get("memory_exponent")), (axes[1], ax_t, r.get("time_exponent"))):
+                if pts:
+                    fitted = f" ($\\propto T^{{{k:.2f}}}$)" if name and len(mem) <= 10 and k is not None else ""
+                    ax.plot(*zip(*pts, strict=True), label=name and name + fitted, **kw)
         for ax, what in zip(axes, ("peak memory (MiB)", "time per step (s)"), strict=True):
             _length_axis(ax, [p["seq_len"] for _, m in mem for p in m])
             _log_axis(ax, "y", lambda v: f"{v:.3g}")
@@ -818,9 +835,10 @@ def _length_plots(figs: _Figures, trials: list[Any], rows: list[dict[str, Any]])
     dec = [(r, d) for r, d in dec if d]
     if dec and figs.want("decode_vs_context"):
         fig, axes = figs.new(ncols=2, size=(6.0, 4.6))
+        label = _labeller(len(dec))
         for r, d in dec:
             kw = {"color": family_colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4,
-                  "lw": figs.width(r), "label": _trial_label(r)}
+                  "lw": figs.width(r), "label": label(r)}
             lat = [(p["context"], p["latency_ms"]) for p in d if p["latency_ms"] is not None]
             cache = [(p["context"], p["cache_bytes"] / 2**20) for p in d if p["cache_bytes"]]
             if lat:
@@ -843,9 +861,10 @@ def _length_plots(figs: _Figures, trials: list[Any], rows: list[dict[str, Any]])
     if lvl and figs.want("loss_vs_len"):
         fig, (ax,) = figs.new()
         train_lens = set()
+        label = _labeller(len(lvl))
         for r, d in lvl:
             ax.plot([p["seq_len"] for p in d], [p["loss"] for p in d], color=family_colour(r["family"]),
-                    marker=figs.markers[r["family"]], ms=4, lw=figs.width(r), label=_trial_label(r))
+                    marker=figs.markers[r["family"]], ms=4, lw=figs.width(r), label=label(r))
             seq = ((by_number[r["trial"]].user_attrs.get("config") or {}).get("train") or {}).get("seq_len")
             if seq:
                 train_lens.add(seq)
