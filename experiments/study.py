@@ -70,8 +70,10 @@ METRICS: dict[str, tuple[str, str, str]] = {
 }
 CORPUS_METRICS = {"val_bpb", "val_loss", "val_ppl"}
 TASK_METRICS = {"accuracy", "exact_match"}
-TOP_KEYS = ("name", "description", "base", "space", "variants", "axes", "objectives", "constraints", "sampler", "pruner",
-            "budget", "trial", "report", "scale")
+TOP_KEYS = ("name", "description", "base", "space", "variants", "axes", "objectives", "constraints", "sampler",
+            "pruner", "budget", "trial", "measure", "report", "scale")
+MEASURES = {"memory": ("lengths", "mode", "batch", "of", "repeats"), "decode": ("contexts", "steps", "batch"),
+            "context": ("multipliers", "bins", "tokens", "examples")}
 FINISHED_FAIL = "final"  # user attr set on trials that failed for a reason of their own (not interrupted)
 
 
@@ -157,6 +159,7 @@ class Recipe:
     timeout_s: float | None
     trial_timeout_s: float
     threads: int | None
+    measure: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -178,7 +181,15 @@ class Recipe:
             raise RecipeError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
         scales = raw.get("scale", {})
         _unknown("recipe [scale]", scales, SCALES)
-        doc = _merge({k: v for k, v in raw.items() if k != "scale"}, scales.get(scale, {}))
+        over = copy.deepcopy(scales.get(scale, {}))
+        doc = {k: v for k, v in raw.items() if k != "scale"}
+        # sets of choices are replaced, not merged: a scale's [variants], [space] or [axes.X] is the whole set
+        for key in ("variants", "space"):
+            if key in over:
+                doc = {**doc, key: over.pop(key)}
+        for axis, bundles in over.pop("axes", {}).items():
+            doc = {**doc, "axes": {**doc.get("axes", {}), axis: bundles}}
+        doc = _merge(doc, over)
         _unknown(f"recipe [scale.{scale}]", scales.get(scale, {}), TOP_KEYS)
         name = doc.get("name") or Path(source).stem
         if not name:
@@ -209,11 +220,17 @@ class Recipe:
         _unknown("budget", budget, ("trials", "timeout_s"))
         trial = dict(doc.get("trial", {}))
         _unknown("trial", trial, ("timeout_s", "threads"))
+        measure = {k: dict(v) for k, v in doc.get("measure", {}).items()}
+        _unknown("measure", measure, MEASURES)
+        for kind, opts in measure.items():
+            _unknown(f"measure.{kind}", opts, MEASURES[kind])
+            if opts.get("of", "mixer") not in ("mixer", "model"):
+                raise RecipeError(f"measure.{kind}.of must be 'mixer' (the first layer's) or 'model'")
         recipe = cls(name=name, scale=scale, description=doc.get("description", ""), base=base, space=space,
                      axes=axes, objectives=objectives, constraints=constraints, sampler=sampler,
                      pruner=pruner, trials=budget.get("trials"), timeout_s=budget.get("timeout_s"),
                      trial_timeout_s=float(trial.get("timeout_s", 3600)), threads=trial.get("threads"),
-                     report=dict(doc.get("report", {})), source=source)
+                     measure=measure, report=dict(doc.get("report", {})), source=source)
         recipe.validate()
         return recipe
 
@@ -657,6 +674,8 @@ class StudyRunner:
         try:
             if summary is not None:
                 trial.set_user_attr("summary", _compact(summary))
+                if summary.get("measure"):
+                    trial.set_user_attr("measure", summary["measure"])
             if state == "complete":
                 values = [_metric(summary, m) for m, _ in self.recipe.objectives]
                 for metric, limit in self.recipe.constraints.items():
@@ -681,7 +700,7 @@ class StudyRunner:
     def _execute(self, trial: Any, config: dict[str, Any], run_dir: Path) -> tuple[str, str, Any, bool]:
         """Run one trial subprocess; returns (state, reason, summary, final)."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        job = {"config": config, "out": str(run_dir), "threads": self.recipe.threads,
+        job = {"config": config, "out": str(run_dir), "threads": self.recipe.threads, "measure": self.recipe.measure,
                "prune": not self.recipe.multi_objective and self.recipe.pruner.get("kind", "none") != "none"}
         stderr = (run_dir / "stderr.log").open("w")
         proc = subprocess.Popen([sys.executable, "-m", "experiments.study"], stdin=subprocess.PIPE,
@@ -772,6 +791,41 @@ def _compact(summary: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def run_measurements(measure: dict[str, dict[str, Any]], run_dir: str, model: Any, task: bool,
+                     threads: int | None) -> dict[str, Any]:
+    """The recipe's long-context measurements of a trained trial, each case in a fresh process (probes).
+
+    ``memory``: time and peak memory vs T of the first layer's mixer (``of = "mixer"``) or the whole model;
+    ``decode``: per-token latency and cache bytes vs context; ``context``: loss vs position and evaluation
+    length (corpus) or accuracy vs length (task). A failing probe is recorded, the trial still completes.
+    """
+    from experiments.measure import resolve_target
+    from experiments.probes import decode_probe, loss_vs_length, scaling_probe, task_accuracy_vs_length
+
+    out: dict[str, Any] = {}
+    layer = model.resolved_layers[0]
+    for kind, opts in measure.items():
+        try:
+            if kind == "memory":
+                if opts.get("of", "mixer") == "mixer":
+                    target = resolve_target(mixer=layer.mixer, options=layer.options, d_model=model.d_model)
+                else:
+                    target = resolve_target(run=run_dir)
+                out[kind] = scaling_probe(target, opts["lengths"], mode=opts.get("mode", "fwdbwd"),
+                                          batch=opts.get("batch", 1), repeats=opts.get("repeats", 2), threads=threads)
+            elif kind == "decode":
+                out[kind] = decode_probe(resolve_target(run=run_dir), opts["contexts"], steps=opts.get("steps", 16),
+                                         batch=opts.get("batch", 1), threads=threads)
+            elif task:
+                out[kind] = task_accuracy_vs_length(run_dir, examples=opts.get("examples"))
+            else:
+                out[kind] = loss_vs_length(run_dir, multipliers=opts.get("multipliers", (1, 2, 4, 8)),
+                                           bins=opts.get("bins", 8), tokens=opts.get("tokens", 32768))
+        except Exception as exc:  # recorded; the trial's training result stands
+            out[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
 def _trial_main() -> None:
     """Entry of a trial subprocess: read the job, train, talk to the coordinator, print the summary."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle; it stops us
@@ -796,6 +850,8 @@ def _trial_main() -> None:
     summary["peak_memory_mb"] = pm.peak_bytes / 2**20
     summary["memory_method"] = pm.method
     summary["layer_pattern"] = model.layer_pattern
+    if job.get("measure") and summary["status"] == "completed":
+        summary["measure"] = run_measurements(job["measure"], job["out"], model, bool(data.task), job.get("threads"))
     sys.stdout.write(RESULT + json.dumps(summary, default=str) + "\n")
     sys.stdout.flush()
 
