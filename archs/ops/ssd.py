@@ -155,6 +155,42 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 _BLOCK_ELEMENTS = 1 << 22
 
 
+class _DecayScores(torch.autograd.Function):
+    """``scores[h, l, s] = exp(acum[h, l] - acum[h, s]) · cb[g(h), l, s]`` for ``l >= s``, 0 above the diagonal.
+
+    ``acum: (..., H, Q)`` (non-increasing along Q), ``cb: (..., G, Q, Q)`` shared by the H/G heads of a group.
+    Fused by hand because autograd spends most of this step's time in the backward of sub/clamp/exp/mask.
+    The exponents are clamped at -87 (fp32 underflows there anyway; torch's exp is slow below it). The
+    diagonal is ``cb`` itself, so no gradient reaches ``acum`` through it (it would cancel, but only up to
+    rounding), nor through the masked entries.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, acum: Tensor, cb: Tensor) -> Tensor:
+        *lead, h, q = acum.shape
+        g = cb.shape[-3]
+        strict = torch.ones(q, q, dtype=torch.bool, device=acum.device).tril(-1)
+        decay = acum[..., :, None] - acum[..., None, :]  # (..., H, Q, Q)
+        decay.clamp_(_EXP_MIN, 0.0).exp_()
+        cb_strict = cb * strict  # (..., G, Q, Q)
+        scores = decay.view(*lead, g, h // g, q, q) * cb_strict.unsqueeze(-3)
+        scores.diagonal(dim1=-2, dim2=-1).copy_(cb.diagonal(dim1=-2, dim2=-1).unsqueeze(-2))
+        ctx.save_for_backward(decay, cb_strict)
+        return scores.view(*lead, h, q, q)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        decay, cb_strict = ctx.saved_tensors
+        *lead, h, q, _ = decay.shape
+        g = cb_strict.shape[-3]
+        gd = (grad * decay).view(*lead, g, h // g, q, q)  # d/d(cb) per head, before the mask
+        gcb = gd.sum(-3).tril(-1)
+        gcb.diagonal(dim1=-2, dim2=-1).copy_(grad.view(*lead, g, h // g, q, q).diagonal(dim1=-2, dim2=-1).sum(-2))
+        gseg = gd.mul_(cb_strict.unsqueeze(-3)).view(*lead, h, q, q)  # d/d(acum_l - acum_s), 0 where masked
+        gacum = gseg.sum(-1) - gseg.sum(-2)
+        return gacum, gcb
+
+
 def _ssd_block(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor,
                q: int) -> tuple[Tensor, Tensor]:
     """SSD over whole chunks of ``q`` steps from ``state: (Bt, G, N, Hg, P)``; returns ``y`` (no D term) and
@@ -169,24 +205,17 @@ def _ssd_block(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Te
     # Σ_{j>s} a_j, summed directly rather than as acum[-1] - acum[s], so its gradient has no cancellation
     to_end = F.pad(a[:, :, 1:], (0, 0, 0, 1)).flip(2).cumsum(2).flip(2)  # (Bt, c, Q, H)
     acum_h = acum.transpose(2, 3)  # (Bt, c, H, Q)
-    # seg[l, s] = Σ_{s<j<=l} a_j for l > s; clamped to [-87, 0]: exp of anything below -87 underflows anyway
-    # (and torch's exp is slow there), entries above the diagonal become 1 and are zeroed through C Bᵀ
-    seg = (acum_h[..., :, None] - acum_h[..., None, :]).clamp(_EXP_MIN, 0.0)  # (Bt, c, H, Q, Q)
-    decay_ls = torch.exp(seg)
 
     xc = x.view(b, nc, q, h, p)
     dtc = dt.view(b, nc, q, h)
     Bc = B.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
     Cc = C.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
 
-    # 1. within chunks: (C Bᵀ ⊙ decay) (dt x). The diagonal (decay exactly 1) is added apart, so that no
-    # gradient flows into the decays through it (it would cancel, but only up to rounding).
+    # 1. within chunks: (C Bᵀ ⊙ decay) (dt x)
     cb = Cc @ Bc.transpose(-1, -2)  # (Bt, c, G, Q, Q)
-    strict = torch.ones(q, q, dtype=torch.bool, device=x.device).tril(-1)
-    cb_diag = torch.diag_embed(cb.diagonal(dim1=-2, dim2=-1))[:, :, :, None]  # (Bt, c, G, 1, Q, Q)
-    scores = torch.addcmul(cb_diag, decay_ls.view(b, nc, g, hg, q, q), (cb * strict)[:, :, :, None])
+    scores = _DecayScores.apply(acum_h, cb)  # (Bt, c, H, Q, Q)
     xdt = (xc * dtc[..., None]).permute(0, 1, 3, 2, 4)  # (Bt, c, H, Q, P)
-    y_diag = scores.reshape(b, nc, h, q, q) @ xdt  # (Bt, c, H, Q, P)
+    y_diag = scores @ xdt  # (Bt, c, H, Q, P)
 
     # 2. the state each chunk adds by its end: Bᵀ (decay-to-end · dt · x)
     w = dtc * _exp(to_end)  # (Bt, c, Q, H)
