@@ -338,7 +338,8 @@ _LONG_COLUMNS = [
     _Column("loss_eval_len", "eval length"),
     _Column("loss_at_eval_len", "loss at eval length (nats/token)"),
 ]
-_TAIL_COLUMNS = [_Column("backends", "backends", "text"), _Column("status", "status", "text")]
+_TAIL_COLUMNS = [_Column("best_of", "chosen by the sweep", "text"), _Column("backends", "backends", "text"),
+                 _Column("status", "status", "text")]
 _OBJECTIVE_KEYS = {"peak_memory_mb": "peak_memory_mib", "params": "params", "tokens_per_s": "tokens_per_s",
                    "val_bpb": "val_bpb", "val_ppl": "val_ppl", "accuracy": "accuracy", "exact_match": "exact_match",
                    "val_loss": "val_loss", "train_seconds": "train_seconds", "flops_per_token": "flops_per_token"}
@@ -506,8 +507,28 @@ def _command(recipe_info: dict[str, Any]) -> str:
     return f"mixerlab reproduce {name} --scale {recipe_info.get('scale', 'cpu')}"
 
 
+def best_of_sweep(study: Any, rows: list[dict[str, Any]], sweep: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per cell: the best complete trial over the ``sweep`` parameters (e.g. ``["train.lr"]``),
+    marked with the values it was chosen at (``best_of``); cells with no complete trial keep their first row."""
+    params = {t.number: t.params for t in study.get_trials(deepcopy=False)}
+    minimize = study.directions[0].name == "MINIMIZE"
+    key0 = _OBJECTIVE_KEYS.get(_metric_names(study)[0], "value")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        cell = {k: v for k, v in params.get(row["trial"], {}).items() if k not in sweep}
+        groups.setdefault(json.dumps(cell, sort_keys=True, default=str), []).append(row)
+    out = []
+    for members in groups.values():
+        done = [r for r in members if r["status"] == "complete" and r.get(key0) is not None]
+        best = (min if minimize else max)(done, key=lambda r: r[key0]) if done else members[0]
+        chosen = ", ".join(f"{k}={params.get(best['trial'], {}).get(k)}" for k in sweep)
+        out.append({**best, "best_of": f"{chosen} (best of {len(members)})"})
+    order = {id(r): i for i, r in enumerate(rows)}
+    return sorted(out, key=lambda r: min(order[id(m)] for m in rows if m["trial"] == r["trial"]))
+
+
 def _write_tables(study: Any, rows: list[dict[str, Any]], trials: list[Any], out: Path,
-                  recipe_info: dict[str, Any] | None) -> dict[str, Path]:
+                  recipe_info: dict[str, Any] | None, stem: str = "table") -> dict[str, Path]:
     names = _metric_names(study)
     cols = _columns(rows, names, len(study.directions) > 1)
     md = _header_lines(study, rows, trials, recipe_info)
@@ -518,14 +539,14 @@ def _write_tables(study: Any, rows: list[dict[str, Any]], trials: list[Any], out
             md.append("| " + " | ".join(_md_cell(row.get(c.key), c, row) for c in cols) + " |")
     else:
         md.append("_No finished trials yet._")
-    (out / "table.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     csv_cols = [c.key for c in cols] + ["reason"]
-    with (out / "table.csv").open("w", newline="") as f:
+    with (out / f"{stem}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(csv_cols)
         for row in rows:
             writer.writerow(["" if row.get(k) is None else row.get(k) for k in csv_cols])
-    return {"table.md": out / "table.md", "table.csv": out / "table.csv"}
+    return {f"{stem}.md": out / f"{stem}.md", f"{stem}.csv": out / f"{stem}.csv"}
 
 
 # figures ----------------------------------------------------------------------------------------------------
@@ -1080,7 +1101,12 @@ def write_report(study: Any, out_dir: str | os.PathLike, *, recipe_info: dict[st
     rows = table_rows(study, family_of, sort=options.get("sort", "family"))
     trials = [t for t in study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-    paths = Report(_write_tables(study, rows, trials, out, recipe_info))
+    sweep = list(options.get("best_over") or [])
+    if sweep:  # table.md: the best of the sweep per cell; table_all.*: every trial
+        paths = Report(_write_tables(study, rows, trials, out, recipe_info, stem="table_all"))
+        paths.update(_write_tables(study, best_of_sweep(study, rows, sweep), trials, out, recipe_info))
+    else:
+        paths = Report(_write_tables(study, rows, trials, out, recipe_info))
 
     import matplotlib
     import matplotlib.style

@@ -320,3 +320,24 @@ def test_empty_study(tmp_path):
     paths = write_report(study, tmp_path / "out")
     assert "No finished trials" in paths["table.md"].read_text()
     assert "best so far: none" in status_text(study)
+
+
+def test_best_of_a_learning_rate_sweep_per_cell(tmp_path):
+    study = optuna.create_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 's.db'}",
+                                directions=["maximize"])
+    study.set_metric_names(["accuracy"])
+    dist = {"variant": CategoricalDistribution(["attention", "mamba"]),
+            "train.lr": CategoricalDistribution([0.001, 0.01])}
+    acc = {("attention", 0.001): 0.5, ("attention", 0.01): 0.9, ("mamba", 0.001): 0.7, ("mamba", 0.01): 0.2}
+    for (variant, lr), a in acc.items():
+        summary = {"status": "completed", "final": {"accuracy": a}, "params": 1000, "layer_pattern": "AA"}
+        study.add_trial(create_trial(params={"variant": variant, "train.lr": lr}, distributions=dist, value=a,
+                                     user_attrs={"summary": summary, "config": {"model": {"d_model": 32}}}))
+    paths = write_report(study, tmp_path / "out", recipe_info={"name": "sweep", "report": {"best_over": ["train.lr"]}},
+                         figures=[])
+    best = list(csv.DictReader(paths["table.csv"].open()))
+    every = list(csv.DictReader(paths["table_all.csv"].open()))
+    assert len(every) == 4 and len(best) == 2
+    chosen = {r["family"]: (float(r["accuracy"]), r["best_of"]) for r in best}
+    assert chosen["attention"] == (0.9, "train.lr=0.01 (best of 2)")
+    assert chosen["mamba"] == (0.7, "train.lr=0.001 (best of 2)")
