@@ -15,10 +15,15 @@ The state is carried in fp32; outputs come back in ``x.dtype``.
   output is a masked "attention with decay" ``(C Bᵀ ⊙ exp(segsum(dt·A))) (dt·x)`` done as matmuls, and a
   state is carried from chunk to chunk. Linear in T for a fixed chunk size. T is padded to a multiple of the
   chunk internally (padding has ``dt = 0``: no input, no decay), so results do not depend on the chunk size
-  beyond rounding, for any T.
+  beyond rounding, for any T. Within a chunk the decay takes one of two forms, chosen per block of chunks:
+  *factored* (``exp(acum_l - acum_s) = e_l / e_s``: one matmul shared by a group's heads, no ``(Q, Q)``
+  tensor per head; valid while no chunk decays by more than exp(-120)) or *stable* (the ``(Q, Q)`` decay
+  matrix per head, for any decay). Both agree with the recurrence to fp32 rounding.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +145,10 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     ys = []
     for xb, dtb, Bb, Cb in zip(xf.split(block, 1), dtf.split(block, 1), Bf.split(block, 1), Cf.split(block, 1),
                                strict=True):
-        y_b, state = _ssd_block(xb, dtb, Af, Bb, Cb, state, q)
+        with torch.no_grad():  # the largest decay over one chunk in this block, Σ_chunk dt·|A|
+            spread = -(dtb * Af).view(b, -1, q, h).sum(2).min().item()
+        block_fn = _ssd_block_factored if spread <= _FACTORED_MAX_DECAY else _ssd_block
+        y_b, state = block_fn(xb, dtb, Af, Bb, Cb, state, q)
         ys.append(y_b)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)  # (Bt, T', H, P)
     y = y[:, :t] if pad else y
@@ -151,6 +159,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     return y, final
 
 
+#: the factored path runs a block when no chunk decays by more than exp(-this) (see `_ssd_block_factored`)
+_FACTORED_MAX_DECAY = 120.0
 #: elements of the largest temporaries of one block of `ssd_chunked` (16 MB in fp32)
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -233,4 +243,47 @@ def _ssd_block(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Te
     # 4. what the carried state contributes, exp(acum) · C state, plus the within-chunk part
     y_off = (Cc @ prev).view(b, nc, g, q, hg, p).transpose(2, 3).reshape(b, nc, q, h, p)  # (Bt, c, Q, H, P)
     y = y_off * _exp(acum)[..., None] + y_diag.transpose(2, 3)  # (Bt, c, Q, H, P), contiguous like y_off
+    return y.view(b, t, h, p), state
+
+
+def _ssd_block_factored(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor,
+                        q: int) -> tuple[Tensor, Tensor]:
+    """`_ssd_block` with the within-chunk decay factored: ``exp(acum_l - acum_s) = e_l / e_s``.
+
+    With ``e = exp(acum - m)``, ``m`` the middle of the chunk's decay range, the masked decay no longer needs a
+    ``(Q, Q)`` matrix per head: ``C Bᵀ`` (shared by a group's heads) multiplies ``dt·x / e`` for all heads at
+    once, in the same matmul shape as the state terms, and the state added by a chunk reuses ``dt·x / e``. The
+    factors stay within fp32 range while every chunk's total decay is at most `_FACTORED_MAX_DECAY` (then
+    ``|acum - m| <= 60``), which the caller checks. The diagonal (decay 1) is added apart, so that no gradient
+    reaches the decays through it.
+    """
+    b, t, h, p = x.shape
+    g, n = B.shape[2:]
+    hg, nc = h // g, t // q
+
+    acum = (dt * A).view(b, nc, q, h).cumsum(2)  # (Bt, c, Q, H), Σ_{j<=l} a_j
+    mid = acum[:, :, -1:, :] * 0.5  # (Bt, c, 1, H)
+    e = torch.exp(acum - mid)  # (Bt, c, Q, H), within exp(±60)
+    ue = x.view(b, nc, q, h, p) * (dt.view(b, nc, q, h) * torch.exp(mid - acum))[..., None]  # dt·x / e
+    ue = ue.view(b, nc, q, g, hg * p).transpose(2, 3)  # (Bt, c, G, Q, Hg*P)
+    Bc = B.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
+    Cc = C.view(b, nc, q, g, n).transpose(2, 3)  # (Bt, c, G, Q, N)
+    cb = Cc @ Bc.transpose(-1, -2)  # (Bt, c, G, Q, Q)
+
+    # the state each chunk adds by its end: Σ_s exp(acum_last - acum_s) dt_s x_s ⊗ B_s, and
+    # acum_last - acum_s = (acum_last - mid) + (mid - acum_s) with acum_last - mid = mid
+    half = torch.exp(mid[:, :, 0]).view(b, nc, g, 1, hg, 1)  # (Bt, c, G, 1, Hg, 1)
+    chunk_decay = half * half
+    added = (Bc.transpose(-1, -2) @ ue).view(b, nc, g, n, hg, p)  # (Bt, c, G, N, Hg, P), before the factor
+    entering = []  # the state entering each chunk, times exp(mid) (so that e_l finishes its decay)
+    for half_c, decay_c, add_c in zip(half.unbind(1), chunk_decay.unbind(1), added.unbind(1), strict=True):
+        entering.append(state * half_c)
+        state = state * decay_c + add_c * half_c
+    prev = torch.stack(entering, dim=1).view(b, nc, g, n, hg * p)  # (Bt, c, G, N, Hg*P)
+
+    # y_l = e_l · (C_l state' + Σ_{s<l} (C_l·B_s) dt_s x_s / e_s) + (C_l·B_l) dt_l x_l
+    inner = torch.matmul(cb.tril(-1), ue) + Cc @ prev  # (Bt, c, G, Q, Hg*P)
+    inner = inner.view(b, nc, g, q, hg, p).transpose(2, 3).reshape(b, nc, q, h, p)  # (Bt, c, Q, H, P)
+    diag = cb.diagonal(dim1=-2, dim2=-1).transpose(2, 3).repeat_interleave(hg, dim=-1)  # (Bt, c, Q, H)
+    y = torch.addcmul(inner * e[..., None], x.view(b, nc, q, h, p), (diag * dt.view(b, nc, q, h))[..., None])
     return y.view(b, t, h, p), state

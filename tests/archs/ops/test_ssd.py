@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archs.ops.ssd import ssd_chunked, ssd_reference, ssd_step
+import archs.ops.ssd as ssd_module
+from archs.ops.ssd import _DecayScores, ssd_chunked, ssd_reference, ssd_step
 
 LENGTHS = [1, 7, 63, 257]
 
@@ -54,19 +55,46 @@ def assert_parity(args: dict, tol: float = 1e-4, **kw) -> None:
         assert rel_err(g1[k], g0[k]) <= tol, f"grad {k}: {rel_err(g1[k], g0[k]):.2e}"
 
 
+@pytest.fixture(params=["auto", "stable"])
+def path(request, monkeypatch):
+    """Which within-chunk form `ssd_chunked` uses: picked per block by its decay, or the stable one always."""
+    if request.param == "stable":
+        monkeypatch.setattr(ssd_module, "_FACTORED_MAX_DECAY", -1.0)
+    return request.param
+
+
+@pytest.mark.parametrize("t", [63, 257])
+def test_parity_factored_form(t, monkeypatch):
+    monkeypatch.setattr(ssd_module, "_ssd_block", None)  # the stable form must not run
+    assert_parity(inputs(t, dt_shift=-4.0), chunk_size=64)  # dt ~ 0.02: every chunk within the bound
+
+
 @pytest.mark.parametrize("t", LENGTHS)
 @pytest.mark.parametrize("chunk", [16, 64])
-def test_parity_with_reference(t, chunk):
+def test_parity_with_reference(t, chunk, path):
     assert_parity(inputs(t), chunk_size=chunk)
 
 
 @pytest.mark.parametrize("t", [7, 63])
-def test_parity_d_per_channel_one_group(t):
+def test_parity_d_per_channel_one_group(t, path):
     assert_parity(inputs(t, g=1, d_has_hdim=True), chunk_size=16)
 
 
-def test_parity_long_sequence():
+def test_parity_long_sequence(path):
     assert_parity(inputs(1000, b=1, h=2, p=4, g=1, n=4), chunk_size=64)
+
+
+def test_blocks_pick_the_form_by_their_decay(monkeypatch):
+    """Mild decays take the factored form, a block with a steep chunk the stable one; both match."""
+    picked = []
+    for name in ("_ssd_block", "_ssd_block_factored"):
+        fn = getattr(ssd_module, name)
+        monkeypatch.setattr(ssd_module, name, lambda *a, _fn=fn, _name=name: picked.append(_name) or _fn(*a))
+    monkeypatch.setattr(ssd_module, "_BLOCK_ELEMENTS", 2 * 4 * 16 * 8)  # blocks of 16 steps here
+    args = inputs(64, dt_shift=-6.0)  # dt ~ 0.0025: mild
+    args["dt"][:, 40] = 20.0  # one steep step in the third block
+    assert_parity(args, chunk_size=16)
+    assert picked[:4] == ["_ssd_block_factored", "_ssd_block_factored", "_ssd_block", "_ssd_block_factored"]
 
 
 def test_parity_without_optional_inputs():
@@ -94,6 +122,12 @@ def test_chunk_size_does_not_change_results(t):
         tol = 2e-6 if c <= 64 else 1e-5
         assert rel_err(ys[c][0], ys[4][0]) < tol, c
         assert rel_err(ys[c][1], ys[4][1]) < tol, c
+
+
+def test_decay_scores_gradcheck():
+    acum = (-torch.rand(1, 2, 4, 5, dtype=torch.float64)).cumsum(-1).requires_grad_()
+    cb = torch.randn(1, 2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_DecayScores.apply, (acum, cb))
 
 
 def test_large_decays_stay_finite():
