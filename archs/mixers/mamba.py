@@ -170,25 +170,23 @@ class Mamba(Mixer):
             cuda = "yes"
         return {"chunked": "yes", "reference": "yes", "cuda": cuda}
 
-    def _pick_backend(self, x: Tensor) -> str:
+    def _pick_backend(self, x: Tensor) -> tuple[str, str]:
+        """The backend for input ``x`` and, when it is not the one asked for, why."""
         scan = self.opts.scan
-        if scan in ("auto", "cuda"):
-            if x.is_cuda:
-                scan_fn, _, why = _cuda_kernels()
-                if scan_fn is not None and self.d_state <= 256:
-                    return "cuda"
-                if scan == "cuda":
-                    why = why or f"mamba-ssm's kernels need d_state <= 256, got {self.d_state}"
-                    raise RuntimeError(f"scan='cuda' was asked for, but {why}; use scan='auto'")
-                self._why = why or f"d_state={self.d_state} > 256"
-            elif scan == "cuda":
+        if scan not in ("auto", "cuda"):
+            return scan, ""
+        if not x.is_cuda:
+            if scan == "cuda":
                 raise RuntimeError(f"scan='cuda' needs the input on a CUDA device (got {x.device}); "
                                    f"use scan='auto' or 'chunked' on CPU")
-            else:
-                self._why = f"mamba-ssm's kernels need CUDA; input on {x.device}"
-            return "chunked"
-        self._why = ""
-        return scan
+            return "chunked", f"mamba-ssm's kernels need CUDA; input on {x.device}"
+        scan_fn, _, why = _cuda_kernels()
+        if scan_fn is not None and self.d_state <= 256:
+            return "cuda", ""
+        why = why or f"mamba-ssm's kernels need d_state <= 256, got {self.d_state}"
+        if scan == "cuda":
+            raise RuntimeError(f"scan='cuda' was asked for, but {why}; use scan='auto'")
+        return "chunked", why
 
     def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return dtype if dtype is not None else self.in_proj.weight.dtype
@@ -225,8 +223,8 @@ class Mamba(Mixer):
         return res.transpose(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
-        backend = self._pick_backend(x)
-        self._ran(backend, self._why)
+        backend, why = self._pick_backend(x)
+        self._ran(backend, why)
         if backend == "cuda":
             return self._forward_cuda(x)
         xc, z = self._in_proj(x)  # (B, T, E) each

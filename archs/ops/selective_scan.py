@@ -207,7 +207,6 @@ class _ChunkedScan(torch.autograd.Function):
         d_z = torch.empty(bsz, t, e, device=u.device, dtype=z.dtype) if z is not None else None
         d_B = torch.empty(bsz, t, n, device=u.device, dtype=B.dtype)
         d_C = torch.empty(bsz, t, n, device=u.device, dtype=C.dtype)
-        d_A = torch.zeros(n, e, **f32)
         d_D = torch.zeros(e, **f32)
         d_bias = torch.zeros(e, **f32)
         dA = torch.empty(lc, bsz, n, e, **f32)
@@ -215,7 +214,7 @@ class _ChunkedScan(torch.autograd.Function):
         g = torch.empty(lc, bsz, n, e, **f32)
         du_buf, dy_buf, y_buf, gb_buf, dd_buf = (torch.empty(ls, bsz, e, **f32) for _ in range(5))
         db_buf, dc_buf = (torch.empty(ls, bsz, n, **f32) for _ in range(2))
-        sum_buf = torch.empty(n * e, **f32)
+        qd_acc = torch.zeros(lc, bsz, n, e, **f32)  # sum over chunks of q * delta (reduced to dA at the end)
         carry = torch.zeros(bsz, n, e, **f32)  # gradient reaching the state after the current chunk
         if dlast is not None:
             carry.copy_(dlast.transpose(1, 2))
@@ -266,8 +265,7 @@ class _ChunkedScan(torch.autograd.Function):
                 if L > 1:
                     q[1:].mul_(hs_c[:-1])
                 q[0].mul_(h_in[ci])
-                torch.mul(q, d_c[:, :, None, :], out=hs_c)
-                d_A += torch.sum(hs_c.view(L * bsz, n * e), 0, out=sum_buf).view(n, e)
+                qd_acc[:L].addcmul_(q, d_c[:, :, None, :])
                 torch.sum(q.mul_(at), 2, out=dd_s[i0:i1])
             # through y = C h + D u, the gate, du = delta u and softplus
             if z is not None:
@@ -289,6 +287,7 @@ class _ChunkedScan(torch.autograd.Function):
             d_u[:, s0:s1].copy_(du_s.transpose(0, 1))
             d_B[:, s0:s1].copy_(db_s.transpose(0, 1))
             d_C[:, s0:s1].copy_(dc_s.transpose(0, 1))
+        d_A = qd_acc.view(lc * bsz, n * e).sum(0).view(n, e)
         d_h0 = carry.transpose(1, 2).to(ctx.h0_dtype) if ctx.has_initial_state else None
         return (d_u.transpose(1, 2), d_delta.transpose(1, 2), d_A.t().to(A.dtype), d_B.transpose(1, 2),
                 d_C.transpose(1, 2), d_D.to(D.dtype) if D is not None else None,
