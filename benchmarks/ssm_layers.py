@@ -48,6 +48,8 @@ MAMBA1 = ("mamba/chunked", "mamba/reference", "hf/MambaMixer", "mambapy/pscan")
 #: peer cases skipped for taking minutes (measured here: transformers' fallback takes ~45 s fwd+bwd at T=256
 #: and its backward grows faster than linearly); the longest allowed length per mode
 PEER_MAX_T = {("hf", "fwd"): 1024, ("hf", "fwdbwd"): 256}
+#: timed runs for peer cases that take most of a minute each (the peak-memory run and a warm run come first)
+PEER_REPEATS = {("hf", "fwdbwd"): 1}
 
 
 # child-process workers ----------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def run_case(label: str, kind: str, what: Any, seq_len: int, mode: str, args: ar
                           mode=mode, repeats=args.repeats)
             r = run_isolated("experiments.measure:bench_mixer", kwargs, threads=args.threads, timeout=args.timeout)
         else:
-            repeats = args.repeats if seq_len <= 1024 else max(1, args.repeats - 1)
+            repeats = min(args.repeats, PEER_REPEATS.get((what, mode), args.repeats))
             kwargs = dict(peer=what, seq_len=seq_len, mode=mode, repeats=repeats)
             r = run_isolated("benchmarks.ssm_layers:bench_peer", kwargs, threads=args.threads, timeout=args.timeout)
     except MeasureError as exc:
