@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case before it counts as failed")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ssm_layers",
-                   help="output path without suffix (.md and .json are written)")
+                   help="output path; PATH.md and PATH.json are written")
     args = p.parse_args(argv)
 
     rates = run_isolated("benchmarks.ssm_layers:machine_rates", {}, threads=args.threads, timeout=600)
@@ -294,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "layer": {**LAYER, "batch": BATCH, "dtype": "float32"}, "rates": rates,
             "bounds": {t: {m: bound_seconds(layer_costs(t), rates, m) for m in MODES} for t in args.lengths}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    args.out.with_name(args.out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     md = render(rows, rates, meta, args.lengths)
-    args.out.with_suffix(".md").write_text(md)
+    args.out.with_name(args.out.name + ".md").write_text(md)
     print(md)
     return 0
 
