@@ -33,8 +33,8 @@ __all__ = ["Mamba2", "Mamba2Cache", "Mamba2Options", "gated_rmsnorm"]
 
 #: tokens per piece of the batch that the CPU path runs at a time (results do not depend on it)
 CPU_PIECE_TOKENS = 4096
-#: chunk length of the chunked CPU path when it differs from ``chunk_size`` (results do not depend on it;
-#: 64 was fastest fwd+bwd on 2 CPU cores for d_state 64, headdim 64)
+#: longest chunk of the chunked path on CPU (results do not depend on it). For d_state 64, headdim 64, one
+#: sample of T=4096, one thread, fwd+bwd of the scan took 78 ms at 64, 80 ms at 128, 94 ms at 32
 CPU_CHUNK_SIZE = 64
 
 

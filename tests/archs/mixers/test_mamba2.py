@@ -75,7 +75,7 @@ def test_chunked_matches_reference(variant, t):
         kw["chunk_size"] = 64  # d_state 128 makes the reference slow; still several chunks
     m = build(d, **kw)
     ref = twin(m, impl="reference")
-    u = torch.randn(2, t, d)
+    u = torch.randn(1 if t > 100 else 2, t, d)
     y1, g1 = fwd_bwd(m, u)
     y0, g0 = fwd_bwd(ref, u)
     assert m.backend == "chunked" and ref.backend == "reference"
@@ -106,7 +106,7 @@ def test_chunk_size_does_not_change_results(variant):
     assert rel_err(ys[16], ys[4]) < 1e-6 and rel_err(ys[64], ys[4]) < 1e-6
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, 50])
+@pytest.mark.parametrize("t", [1, 2, 3, 11])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_conv_matches_torch_conv1d(t, bias):
     conv = torch.nn.Conv1d(12, 12, kernel_size=4, groups=12, padding=3, bias=bias).double()
@@ -118,7 +118,7 @@ def test_cpu_conv_matches_torch_conv1d(t, bias):
 
     expected = torch.nn.functional.silu(conv(x.transpose(1, 2))[..., :t].transpose(1, 2))
     torch.testing.assert_close(ours(*params), expected)
-    torch.autograd.gradcheck(ours, params)
+    assert torch.autograd.gradcheck(ours, params, fast_mode=True)
 
 
 @pytest.mark.parametrize("norm_before_gate", [False, True])
@@ -131,7 +131,7 @@ def test_fused_gated_rmsnorm_matches_the_plain_one(norm_before_gate):
         return _GatedRMSNormFn.apply(y, z, w, 1e-5, 4, norm_before_gate)
 
     torch.testing.assert_close(fused(y, z, w), gated_rmsnorm(y, z, w, 1e-5, 4, norm_before_gate))
-    assert torch.autograd.gradcheck(fused, (y, z, w))
+    assert torch.autograd.gradcheck(fused, (y, z, w), fast_mode=True)
     y32, z32 = y.detach().float(), z.detach().float()  # fp32 in, fp32 out
     assert fused(y32, z32, w.detach().float()).dtype == torch.float32
 
@@ -190,6 +190,23 @@ def test_short_prefill_pads_the_conv_state_with_zeros():
     torch.testing.assert_close(cache.conv_state[..., 2:], xbc.transpose(1, 2))
 
 
+def test_bfloat16_forward_backward_and_decoding():
+    m = build(64, d_state=16, headdim=16)
+    u = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        expected = m(u)
+    m = m.to(torch.bfloat16)
+    ub = u.bfloat16().requires_grad_()
+    y = m(ub)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), expected) < 3e-2
+    assert ub.grad.dtype == torch.bfloat16 and all(p.grad.dtype == torch.bfloat16 for p in m.parameters())
+    cache = m.init_cache(2, 40)
+    with torch.no_grad():
+        steps = torch.cat([m.step(ub[:, :9], cache)] + [m.step(ub[:, t: t + 1], cache) for t in range(9, 40)], 1)
+    assert cache.ssm_state.dtype == torch.float32 and rel_err(steps.float(), y.detach().float()) < 3e-2
+
+
 def test_state_bytes_are_constant_in_context_length():
     m = build(64, d_state=16)
     assert m.state_bytes(10) == m.state_bytes(10_000) > 0
@@ -197,6 +214,12 @@ def test_state_bytes_are_constant_in_context_length():
     cache = m.init_cache(2, 10, dtype=torch.bfloat16)
     assert cache.conv_state.dtype == torch.bfloat16 and cache.ssm_state.dtype == torch.float32
     assert cache.nbytes() == m.state_bytes(10, batch_size=2, dtype=torch.bfloat16)
+    m = m.to(torch.bfloat16).eval()
+    before = cache.nbytes()
+    with torch.no_grad():
+        for _ in range(50):
+            m.step(torch.randn(2, 1, 64, dtype=torch.bfloat16), cache)
+    assert cache.nbytes() == before and cache.length == 50  # the state does not grow with the context
 
 
 def test_flops_per_token():
