@@ -18,7 +18,9 @@ Shapes: ``u, delta, z: (B, E, T)``, ``A: (E, N)``, ``B, C: (B, N, T)``, ``D, del
   chunk is kept for the backward pass, which recomputes the chunk, runs the reverse recurrence for the state
   gradient (``dh_t = C_t dy_t + exp(delta_{t+1} A) * dh_{t+1}``) and contracts it into every input's gradient.
   No log-space cumulative sums: every product of decays is formed by multiplication, so nothing overflows.
-  Memory: O(B·E·T) for inputs and gradients plus O(B·E·N·T/chunk) boundary states.
+  The decays are computed as ``exp2(delta * A * log2(e))`` (torch's exp2 is ~3x faster than exp on CPU;
+  relative error ~|delta*A|·6e-8). Memory: O(B·E·T) for inputs and gradients plus O(B·E·N·T/chunk)
+  boundary states.
 """
 
 from __future__ import annotations
@@ -204,7 +206,8 @@ class _ChunkedScan(torch.autograd.Function):
 
         d_u = torch.empty(bsz, t, e, device=u.device, dtype=u.dtype)
         d_delta = torch.empty(bsz, t, e, device=u.device, dtype=delta.dtype)
-        d_z = torch.empty(bsz, t, e, device=u.device, dtype=z.dtype) if z is not None else None
+        d_z = torch.empty(bsz, t, e, device=u.device, dtype=z.dtype) if z is not None and ctx.needs_input_grad[6] \
+            else None
         d_B = torch.empty(bsz, t, n, device=u.device, dtype=B.dtype)
         d_C = torch.empty(bsz, t, n, device=u.device, dtype=C.dtype)
         d_D = torch.zeros(e, **f32)
@@ -227,6 +230,7 @@ class _ChunkedScan(torch.autograd.Function):
             b_s = _tm(B, s0, s1).contiguous()  # (S, B, N)
             c_s = _tm(C, s0, s1).contiguous()
             dout_s = _tm(dout, s0, s1)
+            want_dz = z is not None and ctx.needs_input_grad[6]
             if z is not None:
                 z_s = _tm(z, s0, s1)
                 sz = torch.sigmoid(z_s)
@@ -242,7 +246,7 @@ class _ChunkedScan(torch.autograd.Function):
                 d_c = d_s[i0:i1]  # (L, B, E)
                 b_c, c_c = b_s[i0:i1], c_s[i0:i1]  # (L, B, N)
                 _chunk_states(dA_c, hs_c, d_c, du_s[i0:i1], b_c, a2, h_in[ci])
-                if z is not None:
+                if want_dz:
                     _contract_c(c_c, hs_c, out=y_s[i0:i1])
                 # y_t = <h_t, C_t>: dC_t = sum_e dy_t[e] h_t[:, e]
                 dy_flat = dy_s[i0:i1].view(L * bsz, 1, e)
@@ -268,7 +272,7 @@ class _ChunkedScan(torch.autograd.Function):
                 qd_acc[:L].addcmul_(q, d_c[:, :, None, :])
                 torch.sum(q.mul_(at), 2, out=dd_s[i0:i1])
             # through y = C h + D u, the gate, du = delta u and softplus
-            if z is not None:
+            if want_dz:
                 if d_skip is not None:
                     y_s.addcmul_(u_s, d_skip)
                 dz_s = y_s.mul_(dout_s).mul_(sz).mul_(z_s * (1 - sz) + 1)
