@@ -161,6 +161,36 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "stopped") else 1
 
 
+# generate ---------------------------------------------------------------------------------------------------
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a training run directory (spec.json + checkpoint.pt)")
+    p.add_argument("--prompt", default="def ", help="text to continue (byte-level corpus runs)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("generate", "continue a prompt with a trained corpus model, decoding with the layers' caches")(
+    _configure_generate)
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from experiments.data import BYTE_TOKENIZER
+    from experiments.probes import load_run
+
+    model, specs = load_run(args.run)
+    if specs["data"].get("task"):
+        print(f"mixerlab generate: error: {args.run} was trained on task {specs['data']['task']!r}, not text",
+              file=sys.stderr)
+        return 2
+    ids = torch.tensor([list(BYTE_TOKENIZER.encode(args.prompt))], dtype=torch.long)
+    out = model.generate(ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                         generator=torch.Generator().manual_seed(args.seed))
+    print(BYTE_TOKENIZER.decode(out[0].tolist(), skip_specials=True))
+    return 0
+
+
 # measure ----------------------------------------------------------------------------------------------------
 def _configure_measure(p: argparse.ArgumentParser) -> None:
     from experiments.measure import configure_parser

@@ -44,3 +44,14 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "did you mean 'attention'" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_generate_continues_a_prompt(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--pattern", "MA", "--steps", "2", "--out", str(out), "--no-progress", "model.d_model=16",
+                 "model.n_layers=2", "model.n_heads=2", "train.batch_size=2", "train.seq_len=16",
+                 "train.eval_batches=1", "train.warmup_steps=1", "train.eval_interval=2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "import ", "--tokens", "12"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("import ") and len(text.rstrip("\n")) > len("import ")
