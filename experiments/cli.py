@@ -76,6 +76,16 @@ OPTIONAL = {
 }
 
 
+def _import_status(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return "missing"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # installed but broken (e.g. mamba_ssm without its CUDA extension)
+        return f"installed, does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:60]})"
+    return "ok"
+
+
 @command("doctor", "say what this machine can run: torch, devices, optional packages, live backends")(
     lambda p: None)
 def _run_doctor(args: argparse.Namespace) -> int:
@@ -89,7 +99,7 @@ def _run_doctor(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     print("cuda: " + (f"yes ({torch.cuda.get_device_name()})" if cuda else "no — pure-PyTorch paths only"))
     print()
-    rows = [[mod, "installed" if importlib.util.find_spec(mod) else "missing", why] for mod, why in OPTIONAL.items()]
+    rows = [[mod, _import_status(mod), why] for mod, why in OPTIONAL.items()]
     print(_table(rows, ["package", "status", "used for"]))
     print()
     rows = []
