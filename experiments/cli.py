@@ -228,7 +228,9 @@ def _study_args(p: argparse.ArgumentParser, *, storage_required: bool = False) -
 
 
 def _runner_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=int, default=1, help="trial subprocesses to run in parallel on this machine")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="trial subprocesses to run in parallel on this machine (default: the recipe's trial.jobs, "
+                        "else 1)")
     p.add_argument("--heartbeat", type=int, default=60,
                    help="seconds between heartbeats of running trials (a dead worker's trial is failed and "
                         "retried after 3x this); keep >= 60 in production")
@@ -243,7 +245,7 @@ def _runner(args: argparse.Namespace):
     from experiments.study import Recipe, StudyRunner
 
     recipe = Recipe.load(args.recipe, args.scale)
-    return StudyRunner(recipe, _out_dir(args, recipe), storage=args.storage, jobs=getattr(args, "jobs", 1),
+    return StudyRunner(recipe, _out_dir(args, recipe), storage=args.storage, jobs=getattr(args, "jobs", None),
                        heartbeat=(getattr(args, "heartbeat", 60), 3 * getattr(args, "heartbeat", 60)),
                        progress=not getattr(args, "no_progress", True))
 

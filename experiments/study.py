@@ -159,6 +159,7 @@ class Recipe:
     timeout_s: float | None
     trial_timeout_s: float
     threads: int | None
+    jobs: int = 1  # trial subprocesses in parallel when the command line does not say (--jobs)
     measure: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -219,7 +220,7 @@ class Recipe:
         budget = dict(doc.get("budget", {}))
         _unknown("budget", budget, ("trials", "timeout_s"))
         trial = dict(doc.get("trial", {}))
-        _unknown("trial", trial, ("timeout_s", "threads"))
+        _unknown("trial", trial, ("timeout_s", "threads", "jobs"))
         measure = {k: dict(v) for k, v in doc.get("measure", {}).items()}
         _unknown("measure", measure, MEASURES)
         for kind, opts in measure.items():
@@ -230,6 +231,7 @@ class Recipe:
                      axes=axes, objectives=objectives, constraints=constraints, sampler=sampler,
                      pruner=pruner, trials=budget.get("trials"), timeout_s=budget.get("timeout_s"),
                      trial_timeout_s=float(trial.get("timeout_s", 3600)), threads=trial.get("threads"),
+                     jobs=int(trial.get("jobs", 1)),
                      measure=measure, report=dict(doc.get("report", {})), source=source)
         recipe.validate()
         return recipe
@@ -454,12 +456,13 @@ class StudyRunner:
         recipe: the validated recipe.
         out_dir: the run directory (trial directories, the SQLite file by default, reports).
         storage: a storage URL; default ``sqlite:///<out_dir>/study.db``.
-        jobs: trial subprocesses run in parallel by this process.
+        jobs: trial subprocesses run in parallel by this process (default: the recipe's ``trial.jobs``).
         heartbeat: (interval, grace period) in seconds; production intervals should be >= 60 s.
     """
 
-    def __init__(self, recipe: Recipe, out_dir: str | os.PathLike, storage: str | None = None, jobs: int = 1,
+    def __init__(self, recipe: Recipe, out_dir: str | os.PathLike, storage: str | None = None, jobs: int | None = None,
                  heartbeat: tuple[int, int] = (60, 180), progress: bool = True, log: Any = None):
+        jobs = recipe.jobs if jobs is None else jobs
         if jobs < 1:
             raise RecipeError(f"jobs must be >= 1, got {jobs}")
         self.recipe = recipe
