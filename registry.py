@@ -34,6 +34,8 @@ __all__ = [
     "OptionInfo",
     "Registry",
     "RegistryError",
+    "check_fields",
+    "did_you_mean",
     "register_mixer",
 ]
 
@@ -69,6 +71,20 @@ class OptionInfo:
 
     def __str__(self) -> str:
         return self.name if self.required else f"{self.name}={self.default!r}"
+
+
+def did_you_mean(name: str, choices: Any, n: int = 2) -> str:
+    """``" (did you mean 'a' or 'b'?)"`` for the choices closest to ``name``, or ``""``."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def check_fields(kind: str, keys: Any, valid: Any, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming the first key of ``keys`` not in ``valid``, the closest valid ones and all of them."""
+    valid = [str(v) for v in valid]
+    for key in keys:
+        if key not in valid:
+            raise error(f"{kind} has no field {key!r}{did_you_mean(key, valid)}; fields: {', '.join(valid)}")
 
 
 def _first_doc_line(obj: Any) -> str:

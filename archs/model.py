@@ -28,7 +28,7 @@ from archs.mlp import MLPS
 from archs.norms import NORMS, make_norm
 from archs.pattern import LayerSpec, PatternError, pattern_of, ratio_placement, resolve_legend, tile_pattern
 from archs.positions import POSITIONS, LearnedPositions
-from registry import MIXERS
+from registry import MIXERS, check_fields
 
 __all__ = ["PRESETS", "LanguageModel", "ModelCache", "ModelSpec", "SpecError"]
 
@@ -171,12 +171,7 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         data = dict(data)
         recorded = data.pop("resolved_layers", None)
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=2)
-                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                raise SpecError(f"ModelSpec has no field {key!r}{hint}; fields: {', '.join(names)}")
+        check_fields("ModelSpec", data, [f.name for f in dataclasses.fields(cls)], SpecError)
         spec = cls(**data)
         if recorded is not None and [layer.to_dict() for layer in spec.resolved_layers] != recorded:
             raise SpecError("the recorded resolved_layers differ from what this spec resolves to now "

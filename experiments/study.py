@@ -3,9 +3,11 @@
 A **recipe** (TOML; `experiments/recipes/*.toml` or any path) names the base run (``[base.model]``,
 ``[base.train]``, ``[base.data]``), a search ``[space]`` over any field by dotted path, named ``[variants]``
 (bundles of field values, e.g. ``attention`` vs ``mamba``) and further named axes of bundles
-(``[axes.length]`` with ``T64 = {"data.options.seq_len" = 64, "data.options.num_kv_pairs" = 4}``), the objectives, constraints, sampler, pruner and
-budget, and per-scale overrides (``[scale.smoke]``, ``[scale.cpu]``, ``[scale.gpu]``, deep-merged over the
-rest). It is validated — every grid cell or range corner built into specs — before anything runs.
+(``[axes.length]`` with ``T64 = {"train.seq_len" = 64, "data.options.num_kv_pairs" = 4}``), the objectives,
+constraints, sampler, pruner and budget, long-context ``[measure]``ments per trial, and per-scale overrides
+(``[scale.smoke]``, ``[scale.cpu]``, ``[scale.gpu]``: deep-merged over the rest, except that a scale's
+``variants``, ``space`` or ``axes.X`` replaces that whole set of choices). It is validated — every grid
+cell or range corner built into specs — before anything runs.
 
 **Trials** run in their own subprocesses (isolation, and an honest peak memory). The coordinator talks to
 each over a pipe: at every evaluation the child reports the value and waits for "continue" or "prune"; at
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import itertools
 import json
 import math
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import ConfigError, build_specs, set_path
+from registry import check_fields, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,12 +84,7 @@ class RecipeError(ValueError):
 
 
 def _unknown(kind: str, keys: Any, valid: Any) -> None:
-    valid = list(valid)
-    for key in keys:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=2)
-            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-            raise RecipeError(f"{kind}: unknown field {key!r}{hint}; valid: {', '.join(valid)}")
+    check_fields(kind, keys, valid, RecipeError)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -384,9 +381,8 @@ def find_recipe(name_or_path: str) -> Path:
     if candidate.is_file():
         return candidate
     names = recipe_names()
-    close = difflib.get_close_matches(name_or_path, names, n=2)
-    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-    raise RecipeError(f"unknown recipe {name_or_path!r}; {hint}recipes: {', '.join(names)} (or give a .toml path)")
+    raise RecipeError(f"unknown recipe {name_or_path!r}{did_you_mean(name_or_path, names)}; recipes: "
+                      f"{', '.join(names)} (or give a .toml path)")
 
 
 # ---------------------------------------------------------------------------------------------------------

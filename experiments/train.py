@@ -15,7 +15,6 @@ curve of an uninterrupted one, and the same seed on the same machine gives the s
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from archs.model import LanguageModel, ModelSpec
+from registry import check_fields
 
 __all__ = ["DataSpec", "Pruned", "RunError", "TrainSpec", "build_data", "train"]
 
@@ -44,12 +44,7 @@ class Pruned(Exception):
 
 
 def _fields_error(cls: type, data: dict[str, Any]) -> None:
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=2)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise RunError(f"{cls.__name__} has no field {key!r}{hint}; fields: {', '.join(names)}")
+    check_fields(cls.__name__, data, [f.name for f in dataclasses.fields(cls)], RunError)
 
 
 @dataclass(frozen=True)

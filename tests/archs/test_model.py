@@ -51,7 +51,7 @@ def test_spec_json_round_trip():
 def test_spec_errors_name_the_field():
     with pytest.raises(SpecError, match="positions"):
         small(positions="sinusoidal")
-    with pytest.raises(SpecError, match="no field 'n_layer'.*did you mean n_layers"):
+    with pytest.raises(SpecError, match="no field 'n_layer'.*did you mean 'n_layers'"):
         ModelSpec.from_dict({"n_layer": 3})
     with pytest.raises(SpecError, match="no option 'n_head'"):
         small(mixer_options={"attention": {"n_head": 2}})

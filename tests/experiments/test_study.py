@@ -39,12 +39,12 @@ def trials_of(runner: StudyRunner) -> list:
 
 # validation --------------------------------------------------------------------------------------------------
 def test_unknown_recipe_field_is_named_with_a_suggestion():
-    with pytest.raises(RecipeError, match="unknown field 'objective'.*did you mean 'objectives'"):
+    with pytest.raises(RecipeError, match="no field 'objective'.*did you mean 'objectives'"):
         recipe(objective=["val_bpb"])
 
 
 def test_unknown_metric_and_mismatched_objective():
-    with pytest.raises(RecipeError, match="unknown field 'val_bbp'.*val_bpb"):
+    with pytest.raises(RecipeError, match="no field 'val_bbp'.*val_bpb"):
         recipe(objectives=["val_bbp"], sampler={"kind": "grid"})
     with pytest.raises(RecipeError, match="accuracy needs a task"):
         recipe(objectives=["accuracy"], sampler={"kind": "grid"})
