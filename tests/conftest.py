@@ -54,6 +54,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def mamba_ssm_on_cpu(monkeypatch):
+    """Make ``import mamba_ssm`` work without a GPU: its CUDA extension ``selective_scan_cuda`` is replaced by
+    an empty stand-in module (its kernels are never called; tests use mamba-ssm's pure-PyTorch references).
+    Skips when mamba-ssm is not installed."""
+    import types
+
+    pytest.importorskip("einops")
+    if not torch.cuda.is_available():
+        try:
+            import selective_scan_cuda  # noqa: F401
+        except ImportError:
+            monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    try:
+        import mamba_ssm
+    except ImportError as exc:
+        pytest.skip(f"mamba_ssm not importable: {exc}")
+    return mamba_ssm
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

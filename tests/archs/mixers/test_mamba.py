@@ -217,7 +217,7 @@ def test_bfloat16_layer_runs():
 # mamba-ssm compatibility (only where mamba-ssm is installed) --------------------------------------------
 
 @pytest.fixture
-def mamba_ssm(monkeypatch):
+def mamba_ssm(monkeypatch, request):
     """mamba-ssm's modules, usable on CPU through its pure-PyTorch reference path.
 
     Without a GPU mamba-ssm's CUDA extension ``selective_scan_cuda`` is absent and ``import mamba_ssm``
@@ -225,12 +225,7 @@ def mamba_ssm(monkeypatch):
     and convolution it would call are pointed at ``selective_scan_ref`` and ``F.conv1d``. Everything is
     undone afterwards.
     """
-    pytest.importorskip("einops")
-    if not torch.cuda.is_available():
-        try:
-            import selective_scan_cuda  # noqa: F401
-        except ImportError:
-            monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    request.getfixturevalue("mamba_ssm_on_cpu")
     try:
         import mamba_ssm.modules.mamba_simple as simple
         import mamba_ssm.ops.selective_scan_interface as ssi

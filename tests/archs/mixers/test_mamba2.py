@@ -403,7 +403,7 @@ def _their_reference_output(theirs, u):
 
 
 @pytest.mark.parametrize("config", MAMBA_SSM_CONFIGS)
-def test_mamba_ssm_state_dict_round_trip(config):
+def test_mamba_ssm_state_dict_round_trip(config, mamba_ssm_on_cpu):
     theirs = _theirs(**config)
     ours = build(seed=1, **config)
     theirs_sd = theirs.state_dict()
@@ -417,7 +417,7 @@ def test_mamba_ssm_state_dict_round_trip(config):
 
 
 @pytest.mark.parametrize("config", MAMBA_SSM_CONFIGS)
-def test_mamba_ssm_same_initialisation_from_one_seed(config):
+def test_mamba_ssm_same_initialisation_from_one_seed(config, mamba_ssm_on_cpu):
     torch.manual_seed(3)
     theirs = _theirs(**config)
     torch.manual_seed(3)
@@ -427,7 +427,7 @@ def test_mamba_ssm_same_initialisation_from_one_seed(config):
 
 
 @pytest.mark.parametrize("config", MAMBA_SSM_CONFIGS)
-def test_mamba_ssm_same_outputs_on_cpu(config):
+def test_mamba_ssm_same_outputs_on_cpu(config, mamba_ssm_on_cpu):
     theirs = _theirs(**config)
     ours = build(seed=1, **config)
     theirs.load_state_dict(ours.state_dict())
