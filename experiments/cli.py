@@ -164,7 +164,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if "accuracy" in final:
         rows += [["test accuracy", f"{final['accuracy']:.4f}"]]
         for attr, by in final.get("by", {}).items():
-            rows += [[f"  accuracy by {attr}", ", ".join(f"{k}: {v:.3f}" for k, v in by.items())]]
+            rows += [[f"  accuracy by {attr}", ", ".join(f"{k}: " + ("n/a" if v is None else f"{v:.3f}")
+                                                         for k, v in by.items())]]
+        if final.get("not_applicable"):
+            rows += [["  n/a", final["not_applicable"]]]
     rows += [["tokens/s (train)", f"{summary['tokens_per_s']:,.0f}"], ["wall time", f"{summary['wall_seconds']:.1f} s"],
              ["backends", ", ".join(sorted({str(b) for b in summary["backends"].values()}))], ["out", out]]
     print(_table(rows, ["", "value"]))

@@ -55,3 +55,12 @@ def test_cli_generate_continues_a_prompt(tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "import ", "--tokens", "12"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("import ") and len(text.rstrip("\n")) > len("import ")
+
+
+def test_cli_train_reports_lengths_a_learned_model_cannot_run(tmp_path, capsys):
+    code = main(["train", "--task", "induction", "--mixer", "attention", "--steps", "2", "--out", str(tmp_path / "r"),
+                 "--no-progress", "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.positions=learned",
+                 "model.max_seq_len=16", "train.batch_size=2", "train.seq_len=16", "train.eval_examples=2",
+                 "train.warmup_steps=1", "train.eval_interval=2", "data.options.test_multipliers=[1, 2]"])
+    text = capsys.readouterr().out
+    assert code == 0 and "32: n/a" in text and "learned positions" in text
