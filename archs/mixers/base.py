@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Mixer", "MixerCache", "PrefixCache", "log_backend_once", "dtype_bytes"]
+__all__ = ["Mixer", "MixerCache", "PrefixCache", "cuda_kernel_status", "dtype_bytes", "log_backend_once"]
 
 logger = logging.getLogger("mixerlab")
 _logged_backends: set[tuple[str, str, str]] = set()
@@ -35,6 +35,15 @@ def log_backend_once(mixer: str, backend: str, why: str = "") -> None:
     if key not in _logged_backends:
         _logged_backends.add(key)
         logger.info("%s: using backend %r%s", mixer, backend, f" ({why})" if why else "")
+
+
+def cuda_kernel_status(imported: bool, why: str, package: str) -> str:
+    """A CUDA-kernel backend's availability: "yes", or why not (``why``: the import error when not imported)."""
+    if not imported:
+        return why
+    if not torch.cuda.is_available():
+        return f"{package} imports, but its kernels need a CUDA device"
+    return "yes"
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

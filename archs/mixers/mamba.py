@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archs.mixers.base import Mixer, MixerCache, dtype_bytes
+from archs.mixers.base import Mixer, MixerCache, cuda_kernel_status, dtype_bytes
 from archs.ops.selective_scan import (
     DEFAULT_CHUNK_SIZE,
     causal_conv1d,
@@ -162,12 +162,7 @@ class Mamba(Mixer):
     @classmethod
     def available_backends(cls) -> dict[str, str]:
         scan_fn, _, why = _cuda_kernels()
-        if scan_fn is None:
-            cuda = why
-        elif not torch.cuda.is_available():
-            cuda = "mamba_ssm imports, but its kernels need a CUDA device"
-        else:
-            cuda = "yes"
+        cuda = cuda_kernel_status(scan_fn is not None, why, "mamba_ssm")
         return {"chunked": "yes", "reference": "yes", "cuda": cuda}
 
     def _pick_backend(self, x: Tensor) -> tuple[str, str]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from archs.mixers.attention import Attention, AttentionOptions
+from archs.mixers.base import cuda_kernel_status
 from archs.ops.attention import attention_chunked, attention_sdpa, repeat_kv
 from registry import register_mixer
 
@@ -58,12 +59,7 @@ class XFormersAttention(Attention):
     @classmethod
     def available_backends(cls) -> dict[str, str]:
         xops, why = _xformers_ops()
-        if xops is None:
-            xf = why
-        elif not torch.cuda.is_available():
-            xf = "xformers imports, but its kernels need a CUDA device"
-        else:
-            xf = "yes"
+        xf = cuda_kernel_status(xops is not None, why, "xformers")
         return {"xformers": xf, "sdpa-flash": "yes", "chunked": "yes"}
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
