@@ -17,6 +17,7 @@ values are TOML literals (``true``, ``[1, 2]``, ``"text"``), bare words are stri
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """A TOML literal (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``{a = 1}``, ``"s"``) or else the bare string."""
+    """A TOML literal (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``{a = 1}``, ``"s"``), a JSON object or array
+    (``{"mamba2": {"d_state": 64}}``, as people type them in a shell), or else the bare string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        pass
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass  # e.g. a glob such as [ab]*.txt: a bare string
+    return text
 
 
 def set_path(config: dict[str, Any], dotted: str, value: Any) -> None:

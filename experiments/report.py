@@ -273,6 +273,7 @@ def _trial_row(trial: Any, family: str) -> dict[str, Any]:
         "pattern": pattern,
         "n_layers": trial.params.get("model.n_layers") or model.get("n_layers") or (len(pattern) if pattern else None),
         "d_model": trial.params.get("model.d_model") or model.get("d_model"),
+        "seq_len": ((trial.user_attrs.get("config") or {}).get("train") or {}).get("seq_len"),
         "params": summary.get("params"),
         "flops_per_token": summary.get("flops_per_token"),
     }
@@ -282,6 +283,7 @@ def _trial_row(trial: Any, family: str) -> dict[str, Any]:
         if isinstance(by_value, dict):
             for value in _by_sorted(by_value):
                 row[f"accuracy[{attr}={value}]"] = _num(by_value[value])
+    row["steps_to_target"] = summary.get("target_reached_step")
     row["peak_memory_mib"] = _num(summary.get("peak_memory_mb"))
     row["tokens_per_s"] = _num(summary.get("tokens_per_s"))
     row["train_seconds"] = _num(summary.get("train_seconds"))
@@ -315,6 +317,7 @@ _FIXED_COLUMNS = [
     _Column("pattern", "layers", "text"),
     _Column("n_layers", "n_layers"),
     _Column("d_model", "d_model"),
+    _Column("seq_len", "train T"),
     _Column("params", "params"),
 ]
 _METRIC_COLUMNS = [
@@ -324,6 +327,7 @@ _METRIC_COLUMNS = [
     _Column("exact_match", "exact match"),
 ]
 _COST_COLUMNS = [
+    _Column("steps_to_target", "steps to target"),
     _Column("peak_memory_mib", "peak MiB"),
     _Column("tokens_per_s", "tokens/s"),
 ]
@@ -373,7 +377,9 @@ def _columns(rows: list[dict[str, Any]], objectives: Sequence[str], multi: bool)
     if multi:
         cols.append(_Column("pareto", "Pareto", "text"))
     keep = {"trial", "family", "status"}
-    return [c for c in cols if c.key in keep or any(r.get(c.key) not in (None, "") for r in rows)]
+    varying = {"seq_len"}  # shown only where the trials differ in it
+    return [c for c in cols if c.key in keep or (any(r.get(c.key) not in (None, "") for r in rows) and (
+        c.key not in varying or len({r.get(c.key) for r in rows}) > 1))]
 
 
 def table_rows(study: Any, family_of: FamilyOf | None = None, sort: str = "family") -> list[dict[str, Any]]:
@@ -486,6 +492,8 @@ def _header_lines(study: Any, rows: list[dict[str, Any]], trials: list[Any],
         ("val_ppl", "val ppl: validation perplexity per token"),
         ("val_bpb", "val bpb: validation bits per byte"),
         ("accuracy", "accuracy: fraction of answers correct on the task's fixed test set (acc a=v: on its slice)"),
+        ("steps_to_target", "steps to target: the evaluation step at which test accuracy reached the recipe's "
+                            "train.target_accuracy and training stopped (blank: not reached within the step budget)"),
         ("peak_memory_mib", "peak MiB: peak training memory above baseline" + (f" ({method})" if method else "")),
         ("tokens_per_s", "tokens/s: training throughput"),
         ("memory_exponent", "memory/time ∝ T^k: fitted exponent over the measured sequence lengths T"),
@@ -520,7 +528,11 @@ def best_of_sweep(study: Any, rows: list[dict[str, Any]], sweep: Sequence[str]) 
     out = []
     for members in groups.values():
         done = [r for r in members if r["status"] == "complete" and r.get(key0) is not None]
-        best = (min if minimize else max)(done, key=lambda r: r[key0]) if done else members[0]
+        def rank(r: dict[str, Any]) -> tuple[float, float]:  # ties (e.g. both solved): fewer steps to target
+            steps = r.get("steps_to_target") or math.inf
+            return (r[key0], steps) if minimize else (r[key0], -steps)
+
+        best = (min if minimize else max)(done, key=rank) if done else members[0]
         chosen = ", ".join(f"{k}={params.get(best['trial'], {}).get(k)}" for k in sweep)
         out.append({**best, "best_of": f"{chosen} (best of {len(members)})"})
     order = {id(r): i for i, r in enumerate(rows)}
@@ -946,6 +958,35 @@ def _accuracy_vs_len(figs: _Figures, trials: list[Any], rows: list[dict[str, Any
     figs.save(fig, "accuracy_vs_len")
 
 
+def _accuracy_vs_width(figs: _Figures, rows: list[dict[str, Any]]) -> None:
+    """Zoology's Figure 2 layout: test accuracy vs d_model, one panel per training length, a line per family
+    (the rows given: the best of a learning-rate sweep per cell where the recipe has one)."""
+    done = [r for r in rows if r["status"] == "complete" and r.get("accuracy") is not None and r.get("d_model")]
+    panels: dict[Any, list[dict[str, Any]]] = {}
+    for r in done:
+        panels.setdefault(r.get("seq_len"), []).append(r)
+    if not any(len({r["d_model"] for r in members}) > 1 for members in panels.values()):
+        figs.skip("accuracy_vs_width", "no task trials at two or more d_model values")
+        return
+    if not figs.want("accuracy_vs_width"):
+        return
+    keys = sorted(panels, key=lambda k: (k is None, k or 0))
+    fig, axes = figs.new(ncols=len(keys), size=(7.5 if len(keys) == 1 else 4.2, 4.4))
+    for ax, key in zip(axes, keys, strict=True):
+        members = panels[key]
+        for fam in sorted({r["family"] for r in members}, key=_family_sort_key):
+            pts = sorted((r["d_model"], r["accuracy"]) for r in members if r["family"] == fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=family_colour(fam), marker=figs.markers[fam],
+                    ms=6, lw=1.8, label=fam)
+        _length_axis(ax, [r["d_model"] for r in members])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("model dimension d_model")
+        ax.set_title(f"sequence length {fmt_number(key)}" if key else "accuracy vs d_model")
+    axes[0].set_ylabel("test accuracy (fraction correct)")
+    _legend(axes[-1], loc="lower right")
+    figs.save(fig, "accuracy_vs_width")
+
+
 def _pareto(figs: _Figures, study: Any, trials: list[Any], family_of: FamilyOf) -> None:
     from optuna.trial import TrialState
 
@@ -1074,7 +1115,7 @@ class Report(dict):
 
 
 FIGURES = ("scaling_params", "scaling_flops", "learning_curves", "memory_time_vs_len", "decode_vs_context",
-           "loss_vs_len", "accuracy_vs_len", "pareto", "history", "param_importances")
+           "loss_vs_len", "accuracy_vs_len", "accuracy_vs_width", "pareto", "history", "param_importances")
 
 
 def write_report(study: Any, out_dir: str | os.PathLike, *, recipe_info: dict[str, Any] | None = None,
@@ -1102,9 +1143,10 @@ def write_report(study: Any, out_dir: str | os.PathLike, *, recipe_info: dict[st
     trials = [t for t in study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
     sweep = list(options.get("best_over") or [])
+    best = best_of_sweep(study, rows, sweep) if sweep else rows
     if sweep:  # table.md: the best of the sweep per cell; table_all.*: every trial
         paths = Report(_write_tables(study, rows, trials, out, recipe_info, stem="table_all"))
-        paths.update(_write_tables(study, best_of_sweep(study, rows, sweep), trials, out, recipe_info))
+        paths.update(_write_tables(study, best, trials, out, recipe_info))
     else:
         paths = Report(_write_tables(study, rows, trials, out, recipe_info))
 
@@ -1125,6 +1167,7 @@ def write_report(study: Any, out_dir: str | os.PathLike, *, recipe_info: dict[st
         _learning_curves(figs, study, trials, rows, metric)
         _length_plots(figs, trials, rows)
         _accuracy_vs_len(figs, trials, rows)
+        _accuracy_vs_width(figs, best)
         _pareto(figs, study, trials, family_of)
         _history(figs, study, trials, family_of)
         _importances(figs, study, trials)

@@ -769,7 +769,7 @@ def _metric(summary: dict[str, Any], name: str) -> float:
 
 
 def _compact(summary: dict[str, Any]) -> dict[str, Any]:
-    keep = ("status", "steps", "total_steps", "tokens", "final", "evals", "train_seconds", "tokens_per_s", "params",
+    keep = ("status", "steps", "total_steps", "target_reached_step", "tokens", "final", "evals", "train_seconds", "tokens_per_s", "params",
             "params_non_embedding", "flops_per_token", "state_bytes", "backends", "device", "precision",
             "peak_memory_mb", "memory_method")
     out = {k: summary[k] for k in keep if k in summary}

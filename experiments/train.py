@@ -6,7 +6,7 @@
 - ``metrics.jsonl``: one JSON line per log or eval event (``{"event": "train"|"eval", "step": ...}``);
 - ``checkpoint.pt``: model, optimiser, schedule and RNG state, written atomically (temp file, rename);
 - ``summary.json``: specs, final metrics, status (``completed``, ``diverged``, ``pruned``, ``stopped``),
-  the backend each layer ran, machine, torch version, data identity (corpus hash) and wall time.
+  the step at which a task run reached ``TrainSpec.target_accuracy`` (it ends there), the backend each layer ran, machine, torch version, data identity (corpus hash) and wall time.
 
 Batches are a pure function of ``(seed, step)``, so a run resumed from a checkpoint follows exactly the loss
 curve of an uninterrupted one, and the same seed on the same machine gives the same curve.
@@ -69,6 +69,7 @@ class TrainSpec:
     eval_interval: int = 100  # steps between evaluations (and checkpoints); the last step always evaluates
     eval_batches: int = 8  # corpus: windows batches of validation; tasks: ignored (fixed test set)
     eval_examples: int | None = None  # tasks: examples per test slice (default: the task's own)
+    target_accuracy: float | None = None  # tasks: stop once an evaluation reaches this test accuracy
     log_interval: int = 10
 
     def __post_init__(self) -> None:
@@ -88,6 +89,8 @@ class TrainSpec:
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
+        need(self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target_accuracy",
+             "must be in (0, 1] or None (train every step)")
 
     @property
     def total_steps(self) -> int:
@@ -301,6 +304,9 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slowed CPU training by up to ~20x here
     data = build_data(data_spec, train_spec)
+    if train_spec.target_accuracy is not None and not isinstance(data, _TaskData):
+        raise RunError(f"TrainSpec.target_accuracy={train_spec.target_accuracy} needs a task to measure accuracy "
+                       f"on; corpus runs report loss (set data.task, or drop target_accuracy)")
     if model_spec.vocab_size != data.vocab_size:
         model_spec = model_spec.replace(vocab_size=data.vocab_size)
     if model_spec.positions == "learned" and data.seq_len > model_spec.max_seq_len:
@@ -331,11 +337,14 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
 
     total = train_spec.total_steps
     status, done, tokens_per_step = "completed", start, train_spec.batch_size * data.seq_len
+    target_step = _target_reached(train_spec, evals)  # a resumed run may have reached it already
     log = metrics_path.open("a")
     bar = _progress(total, start, progress)
     t_run = time.time()
     try:
         for step in range(start, total):
+            if target_step is not None:
+                break
             if stop_at is not None and step >= stop_at:
                 status = "stopped"
                 break
@@ -371,6 +380,15 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
                 _log(log, {"event": "eval", "step": done, **last_eval})
                 evals.append({"step": done, "tokens": done * tokens_per_step,
                               **{k: v for k, v in last_eval.items() if isinstance(v, (int, float))}})
+                target_step = _target_reached(train_spec, evals)
+                if target_step is not None:
+                    if done != total:  # this is the end: evaluate every slice, as at the last step
+                        with autocast:
+                            last_eval = data.evaluate(model, train_spec, device, final=True)
+                        _log(log, {"event": "eval", "step": done, **last_eval})
+                        evals[-1] = {"step": done, "tokens": done * tokens_per_step,
+                                     **{k: v for k, v in last_eval.items() if isinstance(v, (int, float))}}
+                    evals[-1]["target_reached"] = True
                 _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
                               "rng": torch.get_rng_state(), "train_seconds": seconds, "last_eval": last_eval,
                               "evals": evals}, out / "checkpoint.pt")
@@ -394,6 +412,7 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
         "status": status,
         "steps": steps_done,
         "total_steps": total,
+        "target_reached_step": target_step,
         "tokens": steps_done * tokens_per_step,
         "final": last_eval,
         "evals": evals,
@@ -413,6 +432,15 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
     }
     _write_json(out / "summary.json", summary)
     return summary
+
+
+def _target_reached(spec: TrainSpec, evals: list[dict[str, Any]]) -> int | None:
+    """The step whose evaluation reached ``spec.target_accuracy`` (None: not set or not reached)."""
+    if spec.target_accuracy is None or not evals:
+        return None
+    last = evals[-1]
+    reached = last.get("target_reached") or (last.get("accuracy") or 0.0) >= spec.target_accuracy
+    return last["step"] if reached else None
 
 
 def _log(handle: Any, record: dict[str, Any]) -> None:

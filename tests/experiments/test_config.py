@@ -7,6 +7,9 @@ from experiments.config import ConfigError, apply_overrides, build_specs, load_t
 def test_parse_value():
     assert parse_value("3") == 3 and parse_value("1e-3") == 1e-3 and parse_value("true") is True
     assert parse_value("[1, 2]") == [1, 2] and parse_value("mamba") == "mamba" and parse_value('"x y"') == "x y"
+    assert parse_value('{"mamba2": {"d_state": 64}}') == {"mamba2": {"d_state": 64}}  # JSON, as typed in a shell
+    assert parse_value("{mamba2 = {d_state = 64}}") == {"mamba2": {"d_state": 64}}
+    assert parse_value("[ab]*.txt") == "[ab]*.txt"  # neither TOML nor JSON: a glob stays a string
 
 
 def test_overrides_and_specs(tmp_path):

@@ -330,7 +330,8 @@ def test_best_of_a_learning_rate_sweep_per_cell(tmp_path):
             "train.lr": CategoricalDistribution([0.001, 0.01])}
     acc = {("attention", 0.001): 0.5, ("attention", 0.01): 0.9, ("mamba", 0.001): 0.7, ("mamba", 0.01): 0.2}
     for (variant, lr), a in acc.items():
-        summary = {"status": "completed", "final": {"accuracy": a}, "params": 1000, "layer_pattern": "AA"}
+        summary = {"status": "completed", "final": {"accuracy": a}, "params": 1000, "layer_pattern": "AA",
+                   "target_reached_step": 300 if a >= 0.9 else None}  # train.target_accuracy = 0.9
         study.add_trial(create_trial(params={"variant": variant, "train.lr": lr}, distributions=dist, value=a,
                                      user_attrs={"summary": summary, "config": {"model": {"d_model": 32}}}))
     paths = write_report(study, tmp_path / "out", recipe_info={"name": "sweep", "report": {"best_over": ["train.lr"]}},
@@ -341,3 +342,40 @@ def test_best_of_a_learning_rate_sweep_per_cell(tmp_path):
     chosen = {r["family"]: (float(r["accuracy"]), r["best_of"]) for r in best}
     assert chosen["attention"] == (0.9, "train.lr=0.01 (best of 2)")
     assert chosen["mamba"] == (0.7, "train.lr=0.001 (best of 2)")
+    steps = {r["family"]: r["steps_to_target"] for r in best}
+    assert steps == {"attention": "300", "mamba": ""}  # blank: not reached within the step budget
+    assert "steps to target" in paths["table.md"].read_text()
+
+
+def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
+    """An MQAR-like grid: family x length x d_model x lr. The table keeps the best lr per cell (ties: fewer
+    steps to target), shows the training length, and accuracy_vs_width draws one panel per length."""
+    study = optuna.create_study(study_name="mqar", storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize"])
+    study.set_metric_names(["accuracy"])
+    dist = {"variant": CategoricalDistribution(["attention", "mamba"]), "length": CategoricalDistribution(["T64", "T256"]),
+            "model.d_model": CategoricalDistribution([32, 64]), "train.lr": CategoricalDistribution([0.003, 0.01])}
+    for variant in ("attention", "mamba"):
+        for length, seq in (("T64", 64), ("T256", 256)):
+            for d in (32, 64):
+                for lr in (0.003, 0.01):
+                    solved = variant == "attention" or (d == 64 and seq == 64)
+                    acc = 1.0 if solved else 0.1 * d / 32 + lr
+                    steps = (100 if lr == 0.01 else 300) if solved else None
+                    summary = {"status": "completed", "final": {"accuracy": acc}, "params": 100 * d,
+                               "layer_pattern": "AA" if variant == "attention" else "MM", "target_reached_step": steps}
+                    cfg = {"model": {"d_model": d}, "train": {"seq_len": seq, "lr": lr}}
+                    study.add_trial(create_trial(
+                        params={"variant": variant, "length": length, "model.d_model": d, "train.lr": lr},
+                        distributions=dist, value=acc, user_attrs={"summary": summary, "config": cfg}))
+    paths = write_report(study, tmp_path / "out", recipe_info={"name": "mqar", "report": {"best_over": ["train.lr"]}})
+    best = list(csv.DictReader(paths["table.csv"].open()))
+    assert len(best) == 8 and {r["seq_len"] for r in best} == {"64", "256"}
+    attention = [r for r in best if r["family"] == "attention"]
+    assert all(r["best_of"].startswith("train.lr=0.01") and r["steps_to_target"] == "100" for r in attention)
+    mamba_256_32 = next(r for r in best if r["family"] == "mamba" and r["seq_len"] == "256" and r["d_model"] == "32")
+    assert float(mamba_256_32["accuracy"]) == pytest.approx(0.11) and mamba_256_32["steps_to_target"] == ""
+    assert "| train T |" in paths["table.md"].read_text()
+    png = paths["accuracy_vs_width.png"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = paths["accuracy_vs_width.svg"].read_text()
+    assert "sequence length 64" in svg and "sequence length 256" in svg and "model dimension d_model" in svg

@@ -116,3 +116,34 @@ def test_task_lengths_beyond_learned_positions_are_not_applicable(tmp_path):
     by = s["final"]["by"]["seq_len"]
     assert by[16] is not None and by[32] is None and by[64] is None
     assert "learned positions" in s["final"]["not_applicable"]
+
+
+def test_target_accuracy_ends_a_task_run_once_reached(tmp_path, monkeypatch):
+    from experiments import train as train_module
+
+    calls = []
+
+    def scripted(self, model, spec, device, final=True):  # accuracy 0.2, 0.6, 0.95, ... at the evals
+        calls.append(final)
+        return {"accuracy": 1.0 if final else [0.2, 0.6, 0.95, 0.99][min(len(calls), 4) - 1], "by": {}}
+
+    monkeypatch.setattr(train_module._TaskData, "evaluate", scripted)
+    spec = TrainSpec(steps=40, batch_size=2, seq_len=16, eval_interval=5, warmup_steps=1, target_accuracy=0.9)
+    data = DataSpec(task="mqar", options={"vocab_size": 32, "num_kv_pairs": 2})
+    s = train(MODEL, spec, data, tmp_path, progress=False)
+    assert s["status"] == "completed" and s["steps"] == 15 and s["target_reached_step"] == 15
+    assert calls == [False, False, False, True]  # the run ends with a full (final) evaluation
+    assert s["final"]["accuracy"] == 1.0 and s["evals"][-1]["target_reached"]
+    again = train(MODEL, spec, data, tmp_path, progress=False)  # rerun: resumes, nothing more to train
+    assert again["steps"] == 15 and again["target_reached_step"] == 15 and len(calls) == 4
+    no_target = train(MODEL, TrainSpec(**{**spec.to_dict(), "target_accuracy": None}), data, tmp_path / "b",
+                      progress=False)
+    assert no_target["steps"] == 40 and no_target["target_reached_step"] is None
+
+
+def test_target_accuracy_needs_a_task(tmp_path):
+    with pytest.raises(RunError, match="target_accuracy"):
+        TrainSpec(target_accuracy=1.5)
+    with pytest.raises(RunError, match="target_accuracy=0.9 needs a task"):
+        train(MODEL, TrainSpec(**{**TRAIN.to_dict(), "target_accuracy": 0.9}), DataSpec(), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
