@@ -5,7 +5,8 @@ sees keys ``j <= Tk - Tq + i`` (and ``j > Tk - Tq + i - window`` with a window).
 full forward (``Tq == Tk``), a prefill after cached tokens, and one-token decoding.
 
 - `attention_math`: the reference — materialises the ``(Tq, Tk)`` scores and the softmax. O(T^2) memory.
-- `attention_sdpa`: torch's fused ``scaled_dot_product_attention`` (a flash kernel on CPU when unmasked).
+- `attention_sdpa`: torch's fused ``scaled_dot_product_attention`` (a flash kernel on CPU when unmasked;
+  masked calls in blocks of query rows, so their memory is linear in T too).
 - `attention_chunked`: exact softmax over query chunks; each chunk is recomputed in the backward pass
   (activation checkpointing) when its key span grows with T, so memory is O(chunk · T) forward and backward;
   with a window the key span is bounded and memory is O(T · (chunk + window)).
@@ -61,17 +62,42 @@ def attention_math(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None
 
 def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
                    alibi: Tensor | None = None) -> Tensor:
-    """torch's fused attention; unmasked causal calls reach the flash kernel (CPU and CUDA)."""
+    """torch's fused attention; unmasked causal calls reach the flash kernel (CPU and CUDA).
+
+    With a window or ALiBi the call needs an explicit mask, and torch then materialises the ``(B, H, Tq, Tk)``
+    scores (twice, on CPU). So masked calls run over blocks of query rows with at most `MASKED_SCORES` score
+    elements each (recomputed in the backward pass when there is more than one block): memory stays linear in
+    T, e.g. for evaluating an ALiBi model at 64x its training length.
+    """
     tq, tk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
     if window is None and alibi is None and (tq == tk or tq == 1):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=tq == tk and tq > 1, enable_gqa=gqa)
-    mask = causal_mask(tq, tk, window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=tq == tk and tq > 1,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    rows = max(1, MASKED_SCORES // (q.shape[0] * q.shape[1] * tk))
+    if rows >= tq:
+        return _sdpa_masked(q, k, v, tk - tq, 0, window, alibi)
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = []
+    for s in range(0, tq, rows):
+        e = min(s + rows, tq)
+        hi, lo = tk - tq + e, 0 if window is None else max(0, tk - tq + s - window + 1)
+        args = (q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], tk - tq + s, lo, window, alibi)
+        outs.append(checkpoint(_sdpa_masked, *args, use_reentrant=False) if recompute else _sdpa_masked(*args))
+    return torch.cat(outs, dim=2)
+
+
+MASKED_SCORES = 1 << 25  # score elements of one masked SDPA call (128 MiB in fp32)
+
+
+def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, window: int | None,
+                 alibi: Tensor | None) -> Tensor:
+    tq, tk = q.shape[2], k.shape[2]
+    mask = causal_mask(tq, tk, window, q.device, q_start=q_start, k_start=k_start)
     if alibi is not None:
-        bias = alibi_bias(alibi.to(q.dtype), torch.arange(tk - tq, tk, device=q.device),
-                          torch.arange(tk, device=q.device))
-        mask = bias.masked_fill(~mask, float("-inf"))  # (H, Tq, Tk) float bias
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        bias = alibi_bias(alibi.to(q.dtype), torch.arange(q_start, q_start + tq, device=q.device),
+                          torch.arange(k_start, k_start + tk, device=q.device))
+        mask = bias.masked_fill(~mask, float("-inf"))  # (H, tq, tk) float bias
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _chunk(q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, window: int | None,
