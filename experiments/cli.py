@@ -237,6 +237,10 @@ def _runner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=int, default=60,
                    help="seconds between heartbeats of running trials (a dead worker's trial is failed and "
                         "retried after 3x this); keep >= 60 in production")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run once more every trial that failed for a reason of its own (e.g. after fixing its "
+                        "cause); a retry resumes from the failed trial's last checkpoint when its config is "
+                        "unchanged, and the failed trial stays in the study as it was")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -250,7 +254,8 @@ def _runner(args: argparse.Namespace):
     recipe = Recipe.load(args.recipe, args.scale)
     return StudyRunner(recipe, _out_dir(args, recipe), storage=args.storage, jobs=getattr(args, "jobs", None),
                        heartbeat=(getattr(args, "heartbeat", 60), 3 * getattr(args, "heartbeat", 60)),
-                       progress=not getattr(args, "no_progress", True))
+                       progress=not getattr(args, "no_progress", True),
+                       retry_failed=getattr(args, "retry_failed", False))
 
 
 def _report(runner) -> dict:

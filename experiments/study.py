@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -454,10 +455,14 @@ class StudyRunner:
         storage: a storage URL; default ``sqlite:///<out_dir>/study.db``.
         jobs: trial subprocesses run in parallel by this process (default: the recipe's ``trial.jobs``).
         heartbeat: (interval, grace period) in seconds; production intervals should be >= 60 s.
+        retry_failed: queue once more every trial that failed for a reason of its own (after a fix). A retry,
+            like the retry of an interrupted trial, resumes from the failed trial's last checkpoint when that
+            trial's directory is here and its configuration is unchanged; the failed trial stays as it was.
     """
 
     def __init__(self, recipe: Recipe, out_dir: str | os.PathLike, storage: str | None = None, jobs: int | None = None,
-                 heartbeat: tuple[int, int] = (60, 180), progress: bool = True, log: Any = None):
+                 heartbeat: tuple[int, int] = (60, 180), progress: bool = True, log: Any = None,
+                 retry_failed: bool = False):
         jobs = recipe.jobs if jobs is None else jobs
         if jobs < 1:
             raise RecipeError(f"jobs must be >= 1, got {jobs}")
@@ -467,6 +472,7 @@ class StudyRunner:
         self.jobs = jobs
         self.heartbeat = heartbeat
         self.progress = progress
+        self.retry_failed = retry_failed
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -541,13 +547,48 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
-        have = set()
+        have, interrupted = set(), {}
         for t in self.study.get_trials(deepcopy=False):
+            key = _cell_key(t.params if t.params else t.system_attrs.get("fixed_params", {}))
             if t.state in live or (t.state == TrialState.FAIL and t.user_attrs.get(FINISHED_FAIL)):
-                have.add(_cell_key(t.params if t.params else t.system_attrs.get("fixed_params", {})))
+                have.add(key)
+            elif t.state == TrialState.FAIL:
+                interrupted[key] = t.number  # the latest; its retry resumes from its checkpoint
         for cell in self.recipe.grid_cells():
-            if _cell_key(cell) not in have:
-                self.study.enqueue_trial(cell)
+            key = _cell_key(cell)
+            if key not in have:
+                retry = {"retry_of": interrupted[key]} if key in interrupted else None
+                self.study.enqueue_trial(cell, user_attrs=retry)
+
+    def _queue_failed(self) -> None:
+        """Queue once more each trial that failed for a reason of its own and has not been retried yet."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get("retry_of") for t in trials}
+        for t in trials:
+            if t.state == TrialState.FAIL and t.user_attrs.get(FINISHED_FAIL) and t.number not in retried:
+                self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+                self.log(f"trial {t.number} ({_fmt(t.params)}) failed: {t.user_attrs.get('fail_reason')}; "
+                         f"queued again")
+
+    def _resume_files(self, trial: Any, config: dict[str, Any], run_dir: Path) -> None:
+        """A retry starts from the checkpoint of the trial it retries, when that trial ran here with the same
+        configuration (the same specs: `train` resumes it exactly as if it had never stopped)."""
+        number = trial.user_attrs.get("retry_of")
+        if number is None or (run_dir / "checkpoint.pt").exists():
+            return
+        old_dir = self.out / "trials" / f"{number:04d}"
+        old = next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
+        same = old is not None and old.user_attrs.get("config") == json.loads(json.dumps(config))
+        if not same or not (old_dir / "checkpoint.pt").exists():
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("spec.json", "metrics.jsonl", "checkpoint.pt"):  # the checkpoint last: it means "resume"
+            if (old_dir / name).exists():
+                shutil.copy2(old_dir / name, run_dir / name)
+        trial.set_user_attr("resumed_from", number)
+        self.log(f"trial {trial.number} resumes trial {number} from its last checkpoint")
 
     # budget ------------------------------------------------------------------------------------------------
     def _counts(self) -> dict[str, int]:
@@ -578,6 +619,8 @@ class StudyRunner:
             if c["waiting"]:
                 return True
             return None if c["running"] else False
+        if c["waiting"]:  # queued: retries of failed or interrupted trials
+            return True
         done = c["complete"] + c["pruned"] + c["failed"]
         budget = self.recipe.trials
         if budget is None or done + c["running"] < budget:
@@ -589,6 +632,8 @@ class StudyRunner:
         """Run trials until the budget is met (or Ctrl-C); returns the final trial counts."""
         self.open(create=create)
         self._recover()
+        if self.retry_failed:
+            self._queue_failed()
         if self.recipe.grid and create:
             self._enqueue_grid()
         self._started = time.time()
@@ -663,6 +708,7 @@ class StudyRunner:
             trial.set_user_attr("worker", self.worker_id)
             trial.set_user_attr("config", config)
             run_dir = self.out / "trials" / f"{trial.number:04d}"
+            self._resume_files(trial, config, run_dir)
             outcome = self._execute(trial, config, run_dir)
         except Exception as exc:  # a bug or storage trouble here must not take the other workers down
             outcome = ("fail", f"coordinator error: {type(exc).__name__}: {exc}", None, True)

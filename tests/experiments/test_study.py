@@ -122,6 +122,38 @@ def test_failures_are_isolated_and_explained(tmp_path):
     assert counts == {"complete": 1, "pruned": 0, "failed": 3, "running": 0, "waiting": 0, "interrupted": 0}
 
 
+def test_retry_failed_resumes_the_failed_trial_from_its_checkpoint(tmp_path, monkeypatch):
+    """A trial fails at its final evaluation (longer inputs); after the "fix", --retry-failed runs it again
+    from its last checkpoint: the failed trial stays, nothing else reruns, the retry finishes the steps left."""
+    base = json.loads(json.dumps(TINY["base"]))
+    base["data"] = {"task": "induction", "options": {"vocab_size": 8, "test_multipliers": [1, 2]}}
+    base["train"].update(steps=6, eval_examples=4)
+    r = recipe(base=base, objectives=["accuracy"], sampler={"kind": "grid"}, variants={
+        "ok": {"model.mixer": "attention"}, "long": {"model.mixer": "toymix_plugin.bad:FailsWhenLong"}})
+    monkeypatch.setenv("TOYMIX_FAIL_ABOVE", "16")
+    first = StudyRunner(r, tmp_path, progress=False).run()
+    assert first["complete"] == 1 and first["failed"] == 1
+    assert StudyRunner(r, tmp_path, progress=False).run()["failed"] == 1  # a plain rerun does not retry it
+
+    monkeypatch.delenv("TOYMIX_FAIL_ABOVE")
+    runner = StudyRunner(r, tmp_path, progress=False, retry_failed=True)
+    counts = runner.run()
+    trials = {t.number: t for t in trials_of(runner)}
+    assert len(trials) == 3 and counts["complete"] == 2 and counts["failed"] == 1
+    failed = next(t for t in trials.values() if t.state == TrialState.FAIL)
+    retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") is not None)
+    assert "FailsWhenLong: 32 tokens" in failed.user_attrs["fail_reason"]
+    assert retry.user_attrs["retry_of"] == failed.number and retry.user_attrs["resumed_from"] == failed.number
+    assert retry.state == TrialState.COMPLETE and retry.params == failed.params
+    events = [json.loads(x) for x in (tmp_path / "trials" / f"{retry.number:04d}" / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [2, 4, 6]  # steps 1-4 come from the checkpoint
+    assert retry.user_attrs["summary"]["steps"] == 6 and retry.user_attrs["summary"]["final"]["by"]["seq_len"]
+    assert (tmp_path / "trials" / f"{failed.number:04d}" / "checkpoint.pt").exists()  # the failed trial's files stay
+    again = StudyRunner(r, tmp_path, progress=False, retry_failed=True).run()  # retried once: nothing more
+    assert again["complete"] == 2 and len(trials_of(runner)) == 3
+
+
 def test_timeout_fails_the_trial(tmp_path):
     r = recipe(sampler={"kind": "grid"}, trial={"threads": 1, "timeout_s": 0.5})
     runner = StudyRunner(r, tmp_path, progress=False)
