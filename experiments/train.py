@@ -269,11 +269,21 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _with_defaults(specs: dict[str, Any]) -> dict[str, Any]:
+    """Recorded specs as this version writes them: a field added since (with its default) is no change."""
+    try:
+        return {"model": ModelSpec.from_dict(specs["model"]).to_dict(),
+                "train": TrainSpec.from_dict(specs["train"]).to_dict(),
+                "data": DataSpec.from_dict(specs["data"]).to_dict()}
+    except (KeyError, TypeError, ValueError):  # unreadable or a field that no longer exists: compare as written
+        return specs
+
+
 def _check_run_dir(out: Path, specs: dict[str, Any], resume: bool) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None. Refuses a directory that holds another run."""
     spec_path = out / "spec.json"
     if spec_path.exists():
-        recorded = json.loads(spec_path.read_text())
+        recorded = _with_defaults(json.loads(spec_path.read_text()))
         if recorded != specs:
             changed = sorted(k for k in specs if recorded.get(k) != specs[k])
             raise RunError(f"{out} holds a run with different {', '.join(changed)} specs; use another --out "

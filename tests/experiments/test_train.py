@@ -44,6 +44,20 @@ def test_resume_gives_the_same_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_accepts_specs_written_before_a_field_existed(tmp_path):
+    """A run directory from an older version (its spec.json lacks a field added since, at its default)
+    resumes; one whose recorded value differs is still refused."""
+    train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False, stop_at=4)
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    del spec["train"]["target_accuracy"]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False)["steps"] == 8
+    spec["train"]["lr"] = 1.0
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(RunError, match="different train specs"):
+        train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False)
+
+
 def test_a_directory_of_another_run_is_refused(tmp_path):
     train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False, stop_at=2)
     before = (tmp_path / "checkpoint.pt").read_bytes()
