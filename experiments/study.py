@@ -21,7 +21,10 @@ with the same parameters; on one machine a dead coordinator's trials are found b
 
 **Resume**: rerunning a recipe continues its study. Grid cells are enqueued once and each runs exactly once
 (a cell is redone only if its trial was interrupted or its worker died); sampled studies run until the
-budget counts enough finished trials (complete, pruned, or failed for a reason of their own).
+budget counts enough finished trials (complete, pruned, or failed for a reason of their own). A redone
+trial starts from the last checkpoint of the one it replaces when that trial's directory is on this machine
+and its configuration is unchanged. ``retry_failed`` (``--retry-failed``) queues once more each trial that
+failed for a reason of its own, e.g. after fixing that reason; the failed trial stays in the study.
 """
 
 from __future__ import annotations
@@ -815,9 +818,9 @@ def _metric(summary: dict[str, Any], name: str) -> float:
 
 
 def _compact(summary: dict[str, Any]) -> dict[str, Any]:
-    keep = ("status", "steps", "total_steps", "target_reached_step", "tokens", "final", "evals", "train_seconds", "tokens_per_s", "params",
-            "params_non_embedding", "flops_per_token", "state_bytes", "backends", "device", "precision",
-            "peak_memory_mb", "memory_method")
+    keep = ("status", "steps", "total_steps", "target_reached_step", "tokens", "final", "evals", "train_seconds",
+            "tokens_per_s", "params", "params_non_embedding", "flops_per_token", "state_bytes", "backends", "device",
+            "precision", "peak_memory_mb", "memory_method")
     out = {k: summary[k] for k in keep if k in summary}
     out["final"] = {k: v for k, v in summary.get("final", {}).items() if k != "by" or len(json.dumps(v)) < 4000}
     ds = summary.get("dataset", {})

@@ -6,7 +6,8 @@
 - ``metrics.jsonl``: one JSON line per log or eval event (``{"event": "train"|"eval", "step": ...}``);
 - ``checkpoint.pt``: model, optimiser, schedule and RNG state, written atomically (temp file, rename);
 - ``summary.json``: specs, final metrics, status (``completed``, ``diverged``, ``pruned``, ``stopped``),
-  the step at which a task run reached ``TrainSpec.target_accuracy`` (it ends there), the backend each layer ran, machine, torch version, data identity (corpus hash) and wall time.
+  the step at which a task run reached ``TrainSpec.target_accuracy`` (it ends there), the backend each
+  layer ran, machine, torch version, data identity (corpus hash) and wall time.
 
 Batches are a pure function of ``(seed, step)``, so a run resumed from a checkpoint follows exactly the loss
 curve of an uninterrupted one, and the same seed on the same machine gives the same curve.

@@ -352,7 +352,8 @@ def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
     steps to target), shows the training length, and accuracy_vs_width draws one panel per length."""
     study = optuna.create_study(study_name="mqar", storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize"])
     study.set_metric_names(["accuracy"])
-    dist = {"variant": CategoricalDistribution(["attention", "mamba"]), "length": CategoricalDistribution(["T64", "T256"]),
+    dist = {"variant": CategoricalDistribution(["attention", "mamba"]),
+            "length": CategoricalDistribution(["T64", "T256"]),
             "model.d_model": CategoricalDistribution([32, 64]), "train.lr": CategoricalDistribution([0.003, 0.01])}
     for variant in ("attention", "mamba"):
         for length, seq in (("T64", 64), ("T256", 256)):
