@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -641,21 +642,33 @@ class StudyRunner:
             self._enqueue_grid()
         self._started = time.time()
         bar = self._bar()
-        threads = [threading.Thread(target=self._loop, args=(bar,), daemon=True) for _ in range(self.jobs)]
-        for t in threads:
-            t.start()
+        # Workers report their end through events, not Thread.join: a KeyboardInterrupt landing inside join()
+        # can leave CPython (< 3.12) believing the thread has ended, and the trials it runs would never be
+        # marked interrupted.
+        ended = [threading.Event() for _ in range(self.jobs)]
+
+        def work(done: threading.Event) -> None:
+            try:
+                self._loop(bar)
+            finally:
+                done.set()
+
+        for done in ended:
+            threading.Thread(target=work, args=(done,), daemon=True).start()
+        restore = _sigterm_interrupts()
         try:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(timeout=0.5)
+            while not all(done.is_set() for done in ended):
+                time.sleep(0.2)
         except KeyboardInterrupt:
             self.log("interrupted: stopping running trials (rerun the same command to resume)")
             self._stop.set()
             self._terminate_children()
-            for t in threads:
-                t.join(timeout=30)
+            deadline = time.time() + 30
+            while not all(done.is_set() for done in ended) and time.time() < deadline:
+                time.sleep(0.1)
             raise
         finally:
+            restore()
             if bar is not None:
                 bar.close()
         return self._counts()
@@ -786,7 +799,7 @@ class StudyRunner:
             with self._lock:
                 self._children.pop(trial.number, None)
         if stopped_here or (self._stop.is_set() and summary is None):
-            return "fail", "interrupted (Ctrl-C); will be redone on resume", summary, False
+            return "fail", "interrupted (Ctrl-C or SIGTERM); will be redone on resume", summary, False
         if timed_out.is_set():
             return "fail", f"timed out after {self.recipe.trial_timeout_s:.0f} s (trial.timeout_s)", summary, True
         if summary is None:
@@ -806,6 +819,20 @@ class StudyRunner:
         if status != "completed":
             return "fail", f"ended with status {status}", summary, True
         return "complete", "", summary, True
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Make SIGTERM (a batch scheduler preempting the job, `kill`) stop the study as Ctrl-C does: running
+    trials are stopped and marked interrupted, to be resumed. Returns the function that restores the old
+    handler. Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def _metric(summary: dict[str, Any], name: str) -> float:

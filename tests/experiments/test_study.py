@@ -229,6 +229,36 @@ def test_sigkill_of_the_coordinator_then_resume_loses_and_repeats_nothing(tmp_pa
             assert "died" in t.user_attrs["fail_reason"]
 
 
+def test_sigterm_stops_the_study_like_ctrl_c_and_the_rerun_resumes_the_trial(tmp_path):
+    """A scheduler's SIGTERM: the coordinator stops its running trial (marked interrupted, not failed for a
+    reason of its own) and exits; the same command then resumes that trial from its checkpoint."""
+    raw = json.loads(json.dumps(TINY))
+    raw["base"]["train"].update(steps=400, eval_interval=5)
+    raw.update(name="tiny", sampler={"kind": "grid"}, space={"train.seed": [0]})
+    path = tmp_path / "tiny.toml"
+    path.write_text(_to_toml(raw))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments", "study", "run", str(path), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt, deadline = out / "trials" / "0000" / "checkpoint.pt", time.time() + 240
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.2)
+    assert ckpt.exists(), "the trial never wrote a checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Rerun the same command to resume" in err, err
+    study = optuna.load_study(study_name="tiny-cpu", storage=f"sqlite:///{out / 'study.db'}")
+    (stopped,) = study.get_trials()
+    assert stopped.state == TrialState.FAIL and "interrupted" in stopped.user_attrs["fail_reason"], err
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    trials = optuna.load_study(study_name="tiny-cpu", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].user_attrs["resumed_from"] == 0
+    events = [json.loads(x) for x in (out / "trials" / "0001" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "eval"] == list(range(5, 401, 5))  # no step twice
+
+
 def _to_toml(raw: dict) -> str:
     lines = []
 
