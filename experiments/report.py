@@ -382,6 +382,15 @@ def _columns(rows: list[dict[str, Any]], objectives: Sequence[str], multi: bool)
         c.key not in varying or len({r.get(c.key) for r in rows}) > 1))]
 
 
+def superseded(trials: Sequence[Any]) -> set[int]:
+    """Failed or interrupted trials whose retry (user attr ``retry_of``) has since completed or been pruned:
+    the tables show the retry in their place."""
+    from optuna.trial import TrialState
+
+    return {t.user_attrs["retry_of"] for t in trials if t.user_attrs.get("retry_of") is not None
+            and t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+
+
 def table_rows(study: Any, family_of: FamilyOf | None = None, sort: str = "family") -> list[dict[str, Any]]:
     """One dict per finished trial (complete, pruned, failed), raw values, sorted by family then size
     (``sort="family"``) or best objective first (``sort="objective"``)."""
@@ -389,7 +398,9 @@ def table_rows(study: Any, family_of: FamilyOf | None = None, sort: str = "famil
 
     family_of = family_of or default_family
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state in finished]
+    everything = study.get_trials(deepcopy=False)
+    redone = superseded(everything)
+    trials = [t for t in everything if t.state in finished and t.number not in redone]
     names = _metric_names(study)
     multi = len(study.directions) > 1
     front = {t.number for t in study.best_trials} if multi and any(t.state == TrialState.COMPLETE
@@ -482,7 +493,9 @@ def _header_lines(study: Any, rows: list[dict[str, Any]], trials: list[Any],
         line += f"; {max(dates).strftime('%Y-%m-%d')}"
     if where:
         line += "; " + ", ".join(where)
-    line += f". {len(rows)} finished trials ({', '.join(f'{n} {s}' for s, n in counts.items())})."
+    line += f". {len(rows)} finished trials ({', '.join(f'{n} {s}' for s, n in counts.items())})"
+    redone = len(superseded(study.get_trials(deepcopy=False)))
+    line += f"; {redone} failed or interrupted trial(s) were redone and appear as their retries." if redone else "."
     lines = [line, ""]
     if recipe_info and recipe_info.get("description"):
         lines += [str(recipe_info["description"]), ""]

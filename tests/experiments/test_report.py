@@ -380,3 +380,21 @@ def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = paths["accuracy_vs_width.svg"].read_text()
     assert "sequence length 64" in svg and "sequence length 256" in svg and "model dimension d_model" in svg
+
+
+def test_a_redone_trial_replaces_the_failed_one_in_the_table(tmp_path):
+    study = optuna.create_study(study_name="redo", storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize"])
+    study.set_metric_names(["accuracy"])
+    dist = {"variant": CategoricalDistribution(["attention", "mamba"])}
+    summary = {"status": "completed", "final": {"accuracy": 0.9}, "params": 1000, "layer_pattern": "AA"}
+    attrs = {"summary": summary, "config": {"model": {"d_model": 32}}}
+    study.add_trial(create_trial(params={"variant": "attention"}, distributions=dist, state=TrialState.FAIL,
+                                 user_attrs={"fail_reason": "worker host:1 died", **attrs}))
+    study.add_trial(create_trial(params={"variant": "attention"}, distributions=dist, value=0.9,
+                                 user_attrs={"retry_of": 0, **attrs}))
+    study.add_trial(create_trial(params={"variant": "mamba"}, distributions=dist, state=TrialState.FAIL,
+                                 user_attrs={"fail_reason": "crashed (exit 1): boom", FINISHED_FAIL: True, **attrs}))
+    paths = write_report(study, tmp_path / "out", figures=[])
+    rows = list(csv.DictReader(paths["table.csv"].open()))
+    assert [(r["trial"], r["status"]) for r in rows] == [("1", "complete"), ("2", "failed")]
+    assert "1 failed or interrupted trial(s) were redone" in paths["table.md"].read_text().splitlines()[0]
