@@ -383,12 +383,14 @@ def _columns(rows: list[dict[str, Any]], objectives: Sequence[str], multi: bool)
 
 
 def superseded(trials: Sequence[Any]) -> set[int]:
-    """Failed or interrupted trials whose retry (user attr ``retry_of``) has since completed or been pruned:
+    """Failed or interrupted trials whose retry (`experiments.study.retried_trial`) has since completed or been pruned:
     the tables show the retry in their place."""
     from optuna.trial import TrialState
 
-    return {t.user_attrs["retry_of"] for t in trials if t.user_attrs.get("retry_of") is not None
-            and t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    from experiments.study import retried_trial
+
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    return {n for n in (retried_trial(t) for t in done) if n is not None}
 
 
 def table_rows(study: Any, family_of: FamilyOf | None = None, sort: str = "family") -> list[dict[str, Any]]:

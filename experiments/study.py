@@ -569,7 +569,7 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         trials = self.study.get_trials(deepcopy=False)
-        retried = {t.user_attrs.get("retry_of") for t in trials}
+        retried = {retried_trial(t) for t in trials}
         for t in trials:
             if t.state == TrialState.FAIL and t.user_attrs.get(FINISHED_FAIL) and t.number not in retried:
                 self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
@@ -579,7 +579,7 @@ class StudyRunner:
     def _resume_files(self, trial: Any, config: dict[str, Any], run_dir: Path) -> None:
         """A retry starts from the checkpoint of the trial it retries, when that trial ran here with the same
         configuration (the same specs: `train` resumes it exactly as if it had never stopped)."""
-        number = trial.user_attrs.get("retry_of")
+        number = retried_trial(self.study._storage.get_trial(trial._trial_id))
         if number is None or (run_dir / "checkpoint.pt").exists():
             return
         old_dir = self.out / "trials" / f"{number:04d}"
@@ -819,6 +819,13 @@ class StudyRunner:
         if status != "completed":
             return "fail", f"ended with status {status}", summary, True
         return "complete", "", summary, True
+
+
+def retried_trial(trial: Any) -> int | None:
+    """The number of the trial that ``trial`` (a FrozenTrial) redoes: queued by us (user attr ``retry_of``) or
+    by Optuna's heartbeat callback for a dead worker (system attr ``failed_trial``); None for a first run."""
+    number = trial.user_attrs.get("retry_of")
+    return number if number is not None else trial.system_attrs.get("failed_trial")
 
 
 def _sigterm_interrupts() -> Callable[[], None]:

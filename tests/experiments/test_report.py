@@ -394,7 +394,11 @@ def test_a_redone_trial_replaces_the_failed_one_in_the_table(tmp_path):
                                  user_attrs={"retry_of": 0, **attrs}))
     study.add_trial(create_trial(params={"variant": "mamba"}, distributions=dist, state=TrialState.FAIL,
                                  user_attrs={"fail_reason": "crashed (exit 1): boom", FINISHED_FAIL: True, **attrs}))
+    study.add_trial(create_trial(params={"variant": "mamba"}, distributions=dist, state=TrialState.FAIL,
+                                 user_attrs=attrs))  # a dead worker's trial, retried by Optuna's heartbeat callback
+    study.add_trial(create_trial(params={"variant": "mamba"}, distributions=dist, value=0.5,
+                                 system_attrs={"failed_trial": 3}, user_attrs=attrs))
     paths = write_report(study, tmp_path / "out", figures=[])
     rows = list(csv.DictReader(paths["table.csv"].open()))
-    assert [(r["trial"], r["status"]) for r in rows] == [("1", "complete"), ("2", "failed")]
-    assert "1 failed or interrupted trial(s) were redone" in paths["table.md"].read_text().splitlines()[0]
+    assert sorted((r["trial"], r["status"]) for r in rows) == [("1", "complete"), ("2", "failed"), ("4", "complete")]
+    assert "2 failed or interrupted trial(s) were redone" in paths["table.md"].read_text().splitlines()[0]
