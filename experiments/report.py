@@ -48,6 +48,7 @@ __all__ = [
     "Report",
     "default_family",
     "family_colour",
+    "family_colours",
     "fmt_number",
     "metric_label",
     "scaling_fits",
@@ -103,6 +104,43 @@ def family_colour(family: str) -> str:
     if key.startswith("hybrid"):
         return _HYBRID_COLOURS[_stable_index(key, len(_HYBRID_COLOURS))]
     return _OTHER_COLOURS[_stable_index(key, len(_OTHER_COLOURS))]
+
+
+_SHADES = {  # variants of a known family (attention-rope, attention-alibi, ...): shades of its hue
+    "attention": ("#08519c", "#6baed6", "#1f3b73", "#3182bd", "#9ecae1", "#2b8cbe"),
+    "mamba": ("#d94801", "#fdae6b", "#a63603", "#fd8d3c", "#7f2704", "#f16913"),
+    "mamba2": ("#006d2c", "#74c476", "#238b45", "#a1d99b", "#00441b", "#41ab5d"),
+    "sliding_window_attention": ("#8c564b", "#c49c94", "#5b3a29", "#a0522d"),
+    "xformers_attention": ("#17becf", "#0e7c86", "#9edae5", "#138d90"),
+}
+
+
+def _base_family(key: str) -> str:
+    """``attention_rope`` → ``attention``; ``hybrid_mmma`` → ``hybrid``; an unrelated name → ``other``."""
+    for name in sorted(FAMILY_COLOURS, key=len, reverse=True):
+        if key.startswith(name) and key[len(name):][:1] in ("_", "("):
+            return name
+    return "other"
+
+
+def family_colours(families: Iterable[str]) -> dict[str, str]:
+    """Colours for the families of one report, all different: known families keep their fixed colour
+    (`family_colour`), variants of one get shades of its hue, hybrids purples and reds, other names the
+    remaining palette — assigned in sorted order, so the same set of families always gets the same colours."""
+    out: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    for fam in sorted(set(families), key=_family_sort_key):
+        key = _canonical(fam)
+        if key in FAMILY_COLOURS:
+            out[fam] = FAMILY_COLOURS[key]
+        else:
+            groups.setdefault(_base_family(key), []).append(fam)
+    for base, members in groups.items():
+        palette = _SHADES.get(base) or (_HYBRID_COLOURS if base == "hybrid" else _OTHER_COLOURS)
+        free = [c for c in palette if c not in out.values()] or list(palette)
+        for i, fam in enumerate(members):
+            out[fam] = free[i % len(free)]
+    return out
 
 
 def _family_sort_key(family: str) -> tuple[int, str]:
@@ -586,6 +624,7 @@ class _Figures:
         self.paths: dict[str, Path] = {}
         self.skipped: dict[str, str] = {}
         self.markers = {f: _MARKERS[i % len(_MARKERS)] for i, f in enumerate(families)}
+        self.colours = family_colours(families)
         self.widths: dict[int, float] = {}
 
     def size_widths(self, rows: list[dict[str, Any]]) -> None:
@@ -612,6 +651,10 @@ class _Figures:
             self.paths[f"{name}.{ext}"] = path
             fig.set_layout_engine("none")  # laid out once; the SVG reuses it
         fig.clear()
+
+    def colour(self, family: str) -> str:
+        """The family's colour in this report (every figure): `family_colours` of the report's families."""
+        return self.colours.get(family) or family_colour(family)
 
     def width(self, row: dict[str, Any]) -> float:
         """Line width of a trial's curve: thicker for larger models within its family (1 to 2.5)."""
@@ -774,7 +817,7 @@ def _scaling(figs: _Figures, study: Any, rows: list[dict[str, Any]], metric: str
         for fam in sorted({r["family"] for r in done}, key=_family_sort_key):
             mine = [r for r in done if r["family"] == fam]
             best = _best_per_size(mine, metric, xkey, minimize)
-            colour = family_colour(fam)
+            colour = figs.colour(fam)
             others = [r for r in mine if best.get(float(r[xkey])) != r[metric]]
             if others:
                 ax.scatter([r[xkey] for r in others], [r[metric] for r in others], color=colour, alpha=0.3, s=18,
@@ -830,7 +873,7 @@ def _learning_curves(figs: _Figures, study: Any, trials: list[Any], rows: list[d
         label = _trial_label(r) + ("" if r["status"] == "complete" else f" ({r['status']})") if per_trial else (
             fam if fam not in seen else None)
         seen.add(fam)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=family_colour(fam), ls=styles.get(r["status"], "-"),
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=figs.colour(fam), ls=styles.get(r["status"], "-"),
                 marker=figs.markers[fam], ms=3.5, lw=figs.width(r), alpha=0.9, label=label)
     _log_axis(ax, "x")
     sized = any(len({r["params"] for r, _ in curves if r["family"] == fam}) > 1 for fam in seen)
@@ -858,7 +901,7 @@ def _length_plots(figs: _Figures, trials: list[Any], rows: list[dict[str, Any]])
         fig, axes = figs.new(ncols=2, size=(6.0, 4.6))
         label = _labeller(len(mem))
         for r, m in mem:
-            kw = {"color": family_colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4,
+            kw = {"color": figs.colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4,
                   "lw": figs.width(r)}
             name = label(r)
             xs = [p["seq_len"] for p in m]
@@ -885,7 +928,7 @@ def _length_plots(figs: _Figures, trials: list[Any], rows: list[dict[str, Any]])
         fig, axes = figs.new(ncols=2, size=(6.0, 4.6))
         label = _labeller(len(dec))
         for r, d in dec:
-            kw = {"color": family_colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4,
+            kw = {"color": figs.colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4,
                   "lw": figs.width(r), "label": label(r)}
             lat = [(p["context"], p["latency_ms"]) for p in d if p["latency_ms"] is not None]
             cache = [(p["context"], p["cache_bytes"] / 2**20) for p in d if p["cache_bytes"]]
@@ -911,7 +954,7 @@ def _length_plots(figs: _Figures, trials: list[Any], rows: list[dict[str, Any]])
         train_lens = set()
         label = _labeller(len(lvl))
         for r, d in lvl:
-            ax.plot([p["seq_len"] for p in d], [p["loss"] for p in d], color=family_colour(r["family"]),
+            ax.plot([p["seq_len"] for p in d], [p["loss"] for p in d], color=figs.colour(r["family"]),
                     marker=figs.markers[r["family"]], ms=4, lw=figs.width(r), label=label(r))
             seq = ((by_number[r["trial"]].user_attrs.get("config") or {}).get("train") or {}).get("seq_len")
             if seq:
@@ -952,7 +995,7 @@ def _accuracy_vs_len(figs: _Figures, trials: list[Any], rows: list[dict[str, Any
         fam = r["family"]
         label = _trial_label(r) if per_trial else (fam if fam not in seen else None)
         seen.add(fam)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=family_colour(fam), marker=figs.markers[fam], ms=5,
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=figs.colour(fam), marker=figs.markers[fam], ms=5,
                 lw=figs.width(r), ls="-" if r["status"] == "complete" else "--", label=label)
         seq = ((t.user_attrs.get("config") or {}).get("train") or {}).get("seq_len")
         if seq:
@@ -991,7 +1034,7 @@ def _accuracy_vs_width(figs: _Figures, rows: list[dict[str, Any]]) -> None:
         members = panels[key]
         for fam in sorted({r["family"] for r in members}, key=_family_sort_key):
             pts = sorted((r["d_model"], r["accuracy"]) for r in members if r["family"] == fam)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=family_colour(fam), marker=figs.markers[fam],
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=figs.colour(fam), marker=figs.markers[fam],
                     ms=6, lw=1.8, label=fam)
         _length_axis(ax, [r["d_model"] for r in members])
         ax.set_ylim(-0.02, 1.02)
@@ -1020,7 +1063,7 @@ def _pareto(figs: _Figures, study: Any, trials: list[Any], family_of: FamilyOf) 
     families = sorted({family_of(t) for t in done}, key=_family_sort_key)
     for fam in families:
         mine = [t for t in done if family_of(t) == fam]
-        ax.scatter([t.values[0] for t in mine], [t.values[1] for t in mine], color=family_colour(fam), s=40,
+        ax.scatter([t.values[0] for t in mine], [t.values[1] for t in mine], color=figs.colour(fam), s=40,
                    marker=figs.markers[fam], alpha=0.55, label=fam, linewidths=0)
     ax.scatter([t.values[0] for t in front], [t.values[1] for t in front], facecolors="none", edgecolors="black",
                s=110, linewidths=1.4, label=f"Pareto front ({len(front)} trials)", zorder=3)
@@ -1061,7 +1104,7 @@ def _history(figs: _Figures, study: Any, trials: list[Any], family_of: FamilyOf)
         families = sorted({family_of(t) for t in done}, key=_family_sort_key)
         for fam in families:
             mine = [t for t in done if family_of(t) == fam]
-            ax.scatter([t.number for t in mine], [t.values[i] for t in mine], color=family_colour(fam),
+            ax.scatter([t.number for t in mine], [t.values[i] for t in mine], color=figs.colour(fam),
                        marker=figs.markers[fam], s=36, label=fam, zorder=3)
         if i == 0 and len(names) == 1 and pruned:
             ax.scatter([t.number for t in pruned], [t.intermediate_values[t.last_step] for t in pruned],
@@ -1189,7 +1232,7 @@ def write_report(study: Any, out_dir: str | os.PathLike, *, recipe_info: dict[st
     paths.update(figs.paths)
 
     info = {"study": study.study_name, "metric": metric, "fits": fits, "skipped": figs.skipped,
-            "colours": {f: family_colour(f) for f in families},
+            "colours": {f: figs.colour(f) for f in families},
             "files": sorted(paths), "written": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     (out / "report.json").write_text(json.dumps(info, indent=2) + "\n")
     paths["report.json"] = out / "report.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import math
 import xml.etree.ElementTree as ET
 
@@ -21,6 +22,7 @@ from experiments.report import (
     FAMILY_COLOURS,
     default_family,
     family_colour,
+    family_colours,
     fmt_number,
     status_text,
     write_report,
@@ -269,14 +271,30 @@ def test_family_colours_are_fixed_and_shared_by_every_figure(corpus, task):
     assert family_colour("hybrid MMMA") == family_colour("hybrid MMMA")
     assert family_colour("hybrid MMMA") in ("#9467bd", "#d62728", "#e377c2", "#5e3c99", "#a50f15", "#c51b7d")
     assert family_colour("my_plugin_mixer") == family_colour("my_plugin_mixer") not in FAMILY_COLOURS.values()
-    # every figure draws a family in its palette colour: the colour appears in each SVG that shows the family
+    # every figure draws a family in its report's colour: the colour appears in each SVG that shows the family
     for _, paths, out in (corpus, task):
-        colours = {f: family_colour(f) for f in {r["family"] for r in paths.rows if r["status"] == "complete"}}
+        families = {r["family"] for r in paths.rows if r["status"] == "complete"}
+        colours = json.loads(paths["report.json"].read_text())["colours"]
+        assert {f: colours[f] for f in families} == {f: family_colours(families)[f] for f in families}
+        assert colours["attention"] == "#1f77b4" and len(set(colours.values())) == len(colours)
+        colours = {f: colours[f] for f in families}
         for name in ("scaling_params.svg", "learning_curves.svg", "history.svg", "pareto.svg", "accuracy_vs_len.svg"):
             if name in paths:
                 svg = (out / name).read_text().lower()
                 for family, colour in colours.items():
                     assert colour in svg, (name, family, colour)
+
+
+def test_variants_of_one_family_get_distinct_shades_of_its_colour():
+    """The induction recipe's variants: four attention variants, all blue but each its own blue."""
+    fams = ["attention-learned", "attention-rope", "attention-alibi", "attention-none", "mamba", "mamba2",
+            "hybrid MMMA", "hybrid MA", "my_plugin", "other_plugin"]
+    colours = family_colours(fams)
+    assert len(set(colours.values())) == len(fams)  # all different
+    blues = {colours[f] for f in fams[:4]}
+    assert all(int(c[5:7], 16) > int(c[1:3], 16) for c in blues)  # blue dominates red in each
+    assert colours["mamba"] == "#ff7f0e" and colours["mamba2"] == "#2ca02c"
+    assert family_colours(reversed(fams)) == colours  # the same set, the same colours
 
 
 def test_default_family_and_override(corpus, tmp_path):
