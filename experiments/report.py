@@ -409,6 +409,12 @@ def _columns(rows: list[dict[str, Any]], objectives: Sequence[str], multi: bool)
         for key in row:
             if key.startswith("accuracy[") and key not in slices:
                 slices.append(key)
+    by_attr: dict[str, list[str]] = {}
+    for key in slices:
+        by_attr.setdefault(key[len("accuracy["):].split("=")[0], []).append(key)
+    for keys in by_attr.values():  # one slice per trial (its own setting): the accuracy column says it all
+        if all(sum(row.get(k) is not None for k in keys) <= 1 for row in rows):
+            slices = [k for k in slices if k not in keys]
     slice_cols = [_Column(k, "acc " + k[len("accuracy["):-1]) for k in slices]
     cols = _FIXED_COLUMNS + _METRIC_COLUMNS[:2] + extra + _METRIC_COLUMNS[2:] + slice_cols + _COST_COLUMNS
     cols += _LONG_COLUMNS + _TAIL_COLUMNS

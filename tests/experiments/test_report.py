@@ -380,7 +380,8 @@ def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
                     solved = variant == "attention" or (d == 64 and seq == 64)
                     acc = 1.0 if solved else 0.1 * d / 32 + lr
                     steps = (100 if lr == 0.01 else 300) if solved else None
-                    summary = {"status": "completed", "final": {"accuracy": acc}, "params": 100 * d,
+                    summary = {"status": "completed", "final": {"accuracy": acc, "by": {"seq_len": {str(seq): acc}}},
+                               "params": 100 * d,
                                "layer_pattern": "AA" if variant == "attention" else "MM", "target_reached_step": steps}
                     cfg = {"model": {"d_model": d}, "train": {"seq_len": seq, "lr": lr}}
                     study.add_trial(create_trial(
@@ -394,6 +395,7 @@ def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
     mamba_256_32 = next(r for r in best if r["family"] == "mamba" and r["seq_len"] == "256" and r["d_model"] == "32")
     assert float(mamba_256_32["accuracy"]) == pytest.approx(0.11) and mamba_256_32["steps_to_target"] == ""
     assert "| train T |" in paths["table.md"].read_text()
+    assert "acc seq_len" not in paths["table.md"].read_text()  # one slice per trial, its own: no extra columns
     png = paths["accuracy_vs_width.png"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = paths["accuracy_vs_width.svg"].read_text()
