@@ -543,8 +543,8 @@ class StudyRunner:
                     self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue
-                if not self.recipe.grid:
-                    self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+                # queued here, grid or not: a worker (which never enqueues the grid) may be the one to find it
+                self.study.enqueue_trial(_params_of(t), user_attrs={"retry_of": t.number})
                 self.log(f"trial {t.number} of dead worker {who} marked FAIL; it will be retried")
 
     def _enqueue_grid(self) -> None:
@@ -553,7 +553,7 @@ class StudyRunner:
         live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
         have, interrupted = set(), {}
         for t in self.study.get_trials(deepcopy=False):
-            key = _cell_key(t.params if t.params else t.system_attrs.get("fixed_params", {}))
+            key = _cell_key(_params_of(t))
             if t.state in live or (t.state == TrialState.FAIL and t.user_attrs.get(FINISHED_FAIL)):
                 have.add(key)
             elif t.state == TrialState.FAIL:
@@ -572,7 +572,7 @@ class StudyRunner:
         retried = {retried_trial(t) for t in trials}
         for t in trials:
             if t.state == TrialState.FAIL and t.user_attrs.get(FINISHED_FAIL) and t.number not in retried:
-                self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+                self.study.enqueue_trial(_params_of(t), user_attrs={"retry_of": t.number})
                 self.log(f"trial {t.number} ({_fmt(t.params)}) failed: {t.user_attrs.get('fail_reason')}; "
                          f"queued again")
 
@@ -819,6 +819,11 @@ class StudyRunner:
         if status != "completed":
             return "fail", f"ended with status {status}", summary, True
         return "complete", "", summary, True
+
+
+def _params_of(trial: Any) -> dict[str, Any]:
+    """A trial's parameters; for one that died before suggesting them, those it was enqueued with."""
+    return trial.params or trial.system_attrs.get("fixed_params", {})
 
 
 def retried_trial(trial: Any) -> int | None:

@@ -197,6 +197,28 @@ def _count_complete(db: Path) -> int:
         return 0
 
 
+def test_a_worker_that_finds_a_dead_workers_grid_trial_redoes_the_cell(tmp_path):
+    """A grid cell whose worker died (its PID on this host is gone) is queued again by whichever process
+    finds it — here a worker, which never enqueues the grid itself. (Seen in CI: the cell was lost.)"""
+    import socket
+
+    r = recipe(sampler={"kind": "grid"}, space={"train.seed": [0, 1]})
+    coordinator = StudyRunner(r, tmp_path, progress=False)
+    coordinator.open(create=True)
+    coordinator._enqueue_grid()
+    orphan = coordinator.study.ask()  # a trial some worker took, then died
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+
+    counts = StudyRunner(r, tmp_path, progress=False).run(create=False)
+    trials = trials_of(coordinator)
+    assert counts["complete"] == 2 and counts["interrupted"] == 1
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == [0, 1]
+    redo = next(t for t in trials if t.user_attrs.get("retry_of") == orphan.number)
+    assert redo.state == TrialState.COMPLETE and "died" in trials[orphan.number].user_attrs["fail_reason"]
+
+
 def test_sigkill_of_the_coordinator_then_resume_loses_and_repeats_nothing(tmp_path):
     raw = json.loads(json.dumps(TINY))
     raw["base"]["train"].update(steps=30, eval_interval=5)
