@@ -389,16 +389,14 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
                 with autocast:
                     last_eval = data.evaluate(model, train_spec, device, final=done == total)
                 _log(log, {"event": "eval", "step": done, **last_eval})
-                evals.append({"step": done, "tokens": done * tokens_per_step,
-                              **{k: v for k, v in last_eval.items() if isinstance(v, (int, float))}})
+                evals.append(_eval_record(done, done * tokens_per_step, last_eval))
                 target_step = _target_reached(train_spec, evals)
                 if target_step is not None:
                     if done != total:  # this is the end: evaluate every slice, as at the last step
                         with autocast:
                             last_eval = data.evaluate(model, train_spec, device, final=True)
                         _log(log, {"event": "eval", "step": done, **last_eval})
-                        evals[-1] = {"step": done, "tokens": done * tokens_per_step,
-                                     **{k: v for k, v in last_eval.items() if isinstance(v, (int, float))}}
+                        evals[-1] = _eval_record(done, done * tokens_per_step, last_eval)
                     evals[-1]["target_reached"] = True
                 _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
                               "rng": torch.get_rng_state(), "train_seconds": seconds, "last_eval": last_eval,
@@ -443,6 +441,11 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
     }
     _write_json(out / "summary.json", summary)
     return summary
+
+
+def _eval_record(step: int, tokens: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One entry of the eval curve: the step, tokens seen and the evaluation's scalar metrics."""
+    return {"step": step, "tokens": tokens, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
 def _target_reached(spec: TrainSpec, evals: list[dict[str, Any]]) -> int | None:

@@ -15,6 +15,7 @@ full forward (``Tq == Tk``), a prefill after cached tokens, and one-token decodi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +77,7 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None
     rows = max(1, MASKED_SCORES // (q.shape[0] * q.shape[1] * tk))
     if rows >= tq:
         return _sdpa_masked(q, k, v, tk - tq, 0, window, alibi)
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    outs = []
-    for s in range(0, tq, rows):
-        e = min(s + rows, tq)
-        hi, lo = tk - tq + e, 0 if window is None else max(0, tk - tq + s - window + 1)
-        args = (q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], tk - tq + s, lo, window, alibi)
-        outs.append(checkpoint(_sdpa_masked, *args, use_reentrant=False) if recompute else _sdpa_masked(*args))
-    return torch.cat(outs, dim=2)
+    return _query_blocks(_sdpa_masked, q, k, v, rows, window, alibi, recompute=True)
 
 
 MASKED_SCORES = 1 << 25  # score elements of one masked SDPA call (128 MiB in fp32)
@@ -115,15 +109,22 @@ def _chunk(q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, window: 
 def attention_chunked(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
                       alibi: Tensor | None = None, chunk_size: int = 256) -> Tensor:
     """Exact causal attention over query chunks, with memory linear in T (see the module docstring)."""
-    tq, tk = q.shape[2], k.shape[2]
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    return _query_blocks(_chunk, q, k, v, chunk_size, window, alibi, recompute=window is None)
+
+
+def _query_blocks(fn: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, rows: int, window: int | None,
+                  alibi: Tensor | None, recompute: bool) -> Tensor:
+    """``fn(q_block, k_span, v_span, q_start, k_start, window, alibi)`` over blocks of ``rows`` query rows,
+    each with the keys it can see, concatenated; with ``recompute``, blocks are recomputed in the backward
+    pass (activation checkpointing) when gradients are needed."""
+    tq, tk = q.shape[2], k.shape[2]
     offset = tk - tq
-    recompute = torch.is_grad_enabled() and window is None and any(t.requires_grad for t in (q, k, v))
+    recompute = recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
-    for s in range(0, tq, chunk_size):
-        e = min(s + chunk_size, tq)
-        k_hi = offset + e
+    for s in range(0, tq, rows):
+        e = min(s + rows, tq)
         k_lo = 0 if window is None else max(0, offset + s - window + 1)
-        args = (q[:, :, s:e], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], offset + s, k_lo, window, alibi)
-        outs.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
+        args = (q[:, :, s:e], k[:, :, k_lo:offset + e], v[:, :, k_lo:offset + e], offset + s, k_lo, window, alibi)
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
     return torch.cat(outs, dim=2)
