@@ -230,6 +230,8 @@ def render(rows: list[dict[str, Any]], rates: dict[str, float], meta: dict[str, 
         lines.append(f"| {t} | *bound* | {bounds['fwd']:.3f} | 1.0 | | {bounds['fwdbwd']:.3f} | 1.0 | | |")
         ours = by.get(("mamba/chunked", t, "fwdbwd"), {}).get("time_s")
         for label, _, _ in CASES:
+            if not any((label, t, m) in by for m in MODES):
+                continue  # not asked for in this run (--paths, --modes)
             cells = []
             for m in MODES:
                 r = by.get((label, t, m), {})

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archs.mixers.base import Mixer, MixerCache, cuda_kernel_status, dtype_bytes
+from archs.ops.causal_conv import causal_conv1d
 from archs.ops.selective_scan import (
     DEFAULT_CHUNK_SIZE,
-    causal_conv1d,
     selective_scan_chunked,
     selective_scan_reference,
     selective_scan_step,

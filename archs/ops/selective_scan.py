@@ -33,8 +33,6 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
-    "causal_conv1d",
-    "causal_conv1d_reference",
     "selective_scan_chunked",
     "selective_scan_reference",
     "selective_scan_step",
@@ -366,90 +364,3 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
 def _time_major(x: Tensor) -> Tensor:
     """``x: (B, C, T)`` backed by ``(B, T, C)`` memory (a view if it already is, else one copy)."""
     return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, silu: bool = True) -> Tensor:
-    """Causal depthwise convolution of ``x: (B, T, E)`` with ``weight: (E, K)`` (+ ``bias``), then SiLU.
-
-    ``out_t = bias + sum_k weight[:, k] * x_{t-K+1+k}`` (zeros before the start): ``nn.Conv1d`` with
-    ``groups=E, padding=K-1``, first ``T`` outputs, as in Mamba's block. The reference, via ``F.conv1d``.
-    """
-    t = x.shape[1]
-    y = F.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=weight.shape[1] - 1,
-                 groups=weight.shape[0])[..., :t]
-    return (F.silu(y) if silu else y).transpose(1, 2)
-
-
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, silu: bool = True,
-                  block: int = 256) -> Tensor:
-    """`causal_conv1d_reference` in the ``(B, T, E)`` layout, a block of time steps at a time, forward and
-    backward, with no transposes and the activation recomputed in the backward pass (one saved tensor: x)."""
-    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
-        raise ValueError(f"need x: (B, T, E) and weight: (E, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
-    return _CausalConv1d.apply(x, weight, bias, silu, block)
-
-
-class _CausalConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, silu, block):
-        x = x.contiguous()
-        bsz, t, e = x.shape
-        w = weight.float()
-        b = bias.float() if bias is not None else None
-        out = torch.empty_like(x)
-        for s0 in range(0, t, block):
-            s1 = min(t, s0 + block)
-            y = _conv_block(x, w, b, s0, s1)
-            out[:, s0:s1] = F.silu(y, inplace=True) if silu else y
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu, ctx.block = silu, block
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias = ctx.saved_tensors
-        bsz, t, e = x.shape
-        k = weight.shape[1]
-        w = weight.float()
-        b = bias.float() if bias is not None else None
-        dx = torch.empty_like(x)
-        dw = torch.zeros(k, e, device=x.device, dtype=torch.float32)
-        db = torch.zeros(e, device=x.device, dtype=torch.float32)
-        for s0 in range(0, t, ctx.block):
-            s1 = min(t, s0 + ctx.block)
-            e1 = min(t, s1 + k - 1)  # dx on [s0, s1) needs dy on [s0, s1 + K - 1)
-            dy = dout[:, s0:e1].float()
-            if ctx.silu:
-                y = _conv_block(x, w, b, s0, e1)
-                s = torch.sigmoid(y)
-                dy = dy * s * (y.mul_(1 - s).add_(1))  # silu'(y) = s (1 + y (1 - s))
-            own = dy[:, : s1 - s0]
-            db += own.sum((0, 1))
-            acc = torch.zeros(bsz, s1 - s0, e, device=x.device, dtype=torch.float32)
-            for j in range(k):
-                shift = k - 1 - j  # tap j reads x_{t - shift}
-                # dx_{t'} += w_j dy_{t' + shift}
-                n_valid = min(s1, t - shift) - s0
-                if n_valid > 0:
-                    acc[:, :n_valid].addcmul_(dy[:, shift: shift + n_valid], w[:, j])
-                # dw_j += sum_t x_{t - shift} dy_t over t in [s0, s1), t >= shift
-                lo = max(s0, shift)
-                if lo < s1:
-                    dw[j] += (x[:, lo - shift: s1 - shift] * own[:, lo - s0:]).sum((0, 1))
-            dx[:, s0:s1] = acc
-        return (dx, dw.t().to(weight.dtype), db.to(bias.dtype) if bias is not None else None, None, None)
-
-
-def _conv_block(x: Tensor, w: Tensor, b: Tensor | None, s0: int, s1: int) -> Tensor:
-    """Pre-activation causal depthwise convolution for time steps ``[s0, s1)``: ``(B, s1 - s0, E)`` fp32."""
-    bsz, _, e = x.shape
-    k = w.shape[1]
-    acc = torch.zeros(bsz, s1 - s0, e, device=x.device, dtype=torch.float32)
-    if b is not None:
-        acc += b
-    for j in range(k):
-        shift = k - 1 - j
-        lo = max(s0, shift)  # first step whose input x_{t - shift} exists
-        if lo < s1:
-            acc[:, lo - s0:].addcmul_(x[:, lo - shift: s1 - shift], w[:, j])
-    return acc

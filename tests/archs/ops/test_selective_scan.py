@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from archs.ops.selective_scan import (
-    causal_conv1d,
-    causal_conv1d_reference,
     selective_scan_chunked,
     selective_scan_reference,
     selective_scan_step,
@@ -162,23 +160,6 @@ def test_bad_shapes_are_named():
         selective_scan_chunked(args[0], args[1], args[2][:3], *args[3:])
     with pytest.raises(ValueError, match="chunk_size"):
         selective_scan_chunked(*args, chunk_size=0)
-
-
-@pytest.mark.parametrize("t", [1, 3, 63, 300])
-@pytest.mark.parametrize("bias", [True, False])
-def test_causal_conv1d_matches_reference(t, bias):
-    g = torch.Generator().manual_seed(t)
-    x = torch.randn(2, t, 6, generator=g, requires_grad=True)
-    w = torch.randn(6, 4, generator=g, requires_grad=True)
-    b = torch.randn(6, generator=g, requires_grad=True) if bias else None
-    leaves = [x, w] + ([b] if bias else [])
-    for silu in (True, False):
-        want = causal_conv1d_reference(x, w, b, silu)
-        got = causal_conv1d(x, w, b, silu, block=32)
-        assert rel_err(got, want) <= 1e-5
-        dy = torch.randn(want.shape, generator=g)
-        for a, c in zip(torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, leaves, dy), strict=True):
-            assert rel_err(a, c) <= 1e-5
 
 
 def test_reference_backward_is_linear_in_length():
