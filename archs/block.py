@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archs.mixers.base import MixerCache, dtype_bytes
-from archs.ops.causal_conv import causal_conv1d
 from archs.mlp import make_mlp
 from archs.norms import make_norm
+from archs.ops.causal_conv import causal_conv1d
 
 __all__ = ["Block", "BlockCache", "ShortConv"]
 
