@@ -1,4 +1,4 @@
-"""The blocked causal depthwise conv vs ``F.conv1d``: outputs and every gradient, lengths around the blocks."""
+"""The causal depthwise conv vs ``F.conv1d`` and ``nn.Conv1d``: outputs and every gradient, short and odd lengths."""
 
 import pytest
 import torch
