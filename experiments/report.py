@@ -899,58 +899,56 @@ def _learning_curves(figs: _Figures, study: Any, trials: list[Any], rows: list[d
     figs.save(fig, "learning_curves")
 
 
+def _log_log_pair(figs: _Figures, name: str, curves: list[tuple[dict[str, Any], list[tuple[list, str]]]],
+                  xs: list[float], xlabel: str, panels: tuple[tuple[str, str], tuple[str, str]]) -> None:
+    """Two side-by-side log-log panels against a length: ``curves`` holds, per table row, the (x, y) points
+    of the left and right panel with a suffix for each panel's legend label; ``panels`` (y label, title)."""
+    fig, axes = figs.new(ncols=2, size=(6.0, 4.6))
+    label = _labeller(len(curves))
+    for r, series in curves:
+        kw = {"color": figs.colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4, "lw": figs.width(r)}
+        name_ = label(r)
+        for ax, (pts, suffix) in zip(axes, series, strict=True):
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=name_ and name_ + suffix, **kw)
+    for ax, (what, title) in zip(axes, panels, strict=True):
+        _length_axis(ax, xs)
+        _log_axis(ax, "y", lambda v: f"{v:.3g}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{what}, log scale")
+        ax.set_title(title)
+        _legend(ax)
+    figs.save(fig, name)
+
+
 def _length_plots(figs: _Figures, trials: list[Any], rows: list[dict[str, Any]]) -> None:
     by_number = {t.number: t for t in trials}
     mem = [(r, _memory_rows(by_number[r["trial"]])) for r in rows]
     mem = [(r, m) for r, m in mem if m]
     if mem and figs.want("memory_time_vs_len"):
-        fig, axes = figs.new(ncols=2, size=(6.0, 4.6))
-        label = _labeller(len(mem))
+        curves, fits = [], len(mem) <= 10  # exponents in the legend while it stays readable
         for r, m in mem:
-            kw = {"color": figs.colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4,
-                  "lw": figs.width(r)}
-            name = label(r)
-            xs = [p["seq_len"] for p in m]
-            ax_m = [(x, p["peak_bytes"] / 2**20) for x, p in zip(xs, m, strict=True) if _num(p.get("peak_bytes"))]
-            ax_t = [(x, p["time_s"]) for x, p in zip(xs, m, strict=True) if _num(p.get("time_s"))]
-            for ax, pts, k in ((axes[0], ax_m, r.get("memory_exponent")), (axes[1], ax_t, r.get("time_exponent"))):
-                if pts:
-                    fitted = f" ($\\propto T^{{{k:.2f}}}$)" if name and len(mem) <= 10 and k is not None else ""
-                    ax.plot(*zip(*pts, strict=True), label=name and name + fitted, **kw)
-        for ax, what in zip(axes, ("peak memory (MiB)", "time per step (s)"), strict=True):
-            _length_axis(ax, [p["seq_len"] for _, m in mem for p in m])
-            _log_axis(ax, "y", lambda v: f"{v:.3g}")
-            ax.set_xlabel("sequence length T (tokens, log scale)")
-            ax.set_ylabel(f"{what}, log scale")
-            _legend(ax)
-        axes[0].set_title("Peak memory vs sequence length")
-        axes[1].set_title("Time vs sequence length")
-        figs.save(fig, "memory_time_vs_len")
+            mem_pts = [(p["seq_len"], p["peak_bytes"] / 2**20) for p in m if _num(p.get("peak_bytes"))]
+            time_pts = [(p["seq_len"], p["time_s"]) for p in m if _num(p.get("time_s"))]
+            suffixes = [f" ($\\propto T^{{{k:.2f}}}$)" if fits and k is not None else ""
+                        for k in (r.get("memory_exponent"), r.get("time_exponent"))]
+            curves.append((r, list(zip((mem_pts, time_pts), suffixes, strict=True))))
+        _log_log_pair(figs, "memory_time_vs_len", curves, [p["seq_len"] for _, m in mem for p in m],
+                      "sequence length T (tokens, log scale)",
+                      (("peak memory (MiB)", "Peak memory vs sequence length"),
+                       ("time per step (s)", "Time vs sequence length")))
     elif not mem:
         figs.skip("memory_time_vs_len", "no trial has measure.memory_vs_len")
     dec = [(r, _decode_rows(by_number[r["trial"]])) for r in rows]
     dec = [(r, d) for r, d in dec if d]
     if dec and figs.want("decode_vs_context"):
-        fig, axes = figs.new(ncols=2, size=(6.0, 4.6))
-        label = _labeller(len(dec))
-        for r, d in dec:
-            kw = {"color": figs.colour(r["family"]), "marker": figs.markers[r["family"]], "ms": 4,
-                  "lw": figs.width(r), "label": label(r)}
-            lat = [(p["context"], p["latency_ms"]) for p in d if p["latency_ms"] is not None]
-            cache = [(p["context"], p["cache_bytes"] / 2**20) for p in d if p["cache_bytes"]]
-            if lat:
-                axes[0].plot(*zip(*lat, strict=True), **kw)
-            if cache:
-                axes[1].plot(*zip(*cache, strict=True), **kw)
-        for ax, what in zip(axes, ("decode latency (ms/token)", "cache/state size (MiB)"), strict=True):
-            _length_axis(ax, [p["context"] for _, d in dec for p in d])
-            _log_axis(ax, "y", lambda v: f"{v:.3g}")
-            ax.set_xlabel("context length (tokens, log scale)")
-            ax.set_ylabel(f"{what}, log scale")
-            _legend(ax)
-        axes[0].set_title("Per-token decoding latency vs context")
-        axes[1].set_title("Decoding cache vs context")
-        figs.save(fig, "decode_vs_context")
+        curves = [(r, [([(p["context"], p["latency_ms"]) for p in d if p["latency_ms"] is not None], ""),
+                       ([(p["context"], p["cache_bytes"] / 2**20) for p in d if p["cache_bytes"]], "")])
+                  for r, d in dec]
+        _log_log_pair(figs, "decode_vs_context", curves, [p["context"] for _, d in dec for p in d],
+                      "context length (tokens, log scale)",
+                      (("decode latency (ms/token)", "Per-token decoding latency vs context"),
+                       ("cache/state size (MiB)", "Decoding cache vs context")))
     elif not dec:
         figs.skip("decode_vs_context", "no trial has measure.decode")
     lvl = [(r, _loss_len_rows(by_number[r["trial"]])) for r in rows]
