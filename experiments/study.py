@@ -399,14 +399,14 @@ def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
                  max_retry: int | None = 3) -> Any:
     """An RDB storage (SQLite or PostgreSQL) with heartbeats and retry of crashed workers' trials."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     if heartbeat_interval:
         kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period or 2 * heartbeat_interval,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+                      heartbeat_stale_trial_callback=_RequeueStale(max_retry))
     try:
         return RDBStorage(url, **kwargs)
     except (ImportError, ModuleNotFoundError) as exc:
@@ -433,6 +433,50 @@ def open_study(recipe: Recipe, storage: Any, create: bool = True) -> Any:
 
 def _cell_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
+
+
+DEAD_WORKER = "dead worker"  # user attr ``retry_after`` of a trial queued because its predecessor's worker died
+
+
+def requeue_dead(study: Any, trial: Any, max_retry: int | None, log: Callable[[str], None] | None = None) -> bool:
+    """Queue once more a trial (FrozenTrial, already FAIL) whose worker died, with its parameters and a clean
+    set of attributes (``retry_of``), unless it has already been retried ``max_retry`` times for a dead worker
+    along its chain of retries (a trial that takes its worker down, e.g. out of memory, is not retried for
+    ever). Returns whether it was queued."""
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    deaths, t = 0, trial
+    while t is not None and t.user_attrs.get("retry_after") == DEAD_WORKER:
+        deaths += 1
+        t = by_number.get(retried_trial(t))
+    if max_retry is not None and deaths >= max_retry:
+        if log:
+            log(f"trial {trial.number}: its worker died {deaths + 1} times; not retried again (does the trial "
+                f"kill its worker, e.g. out of memory?)")
+        return False
+    study.enqueue_trial(_params_of(trial), user_attrs={"retry_of": trial.number, "retry_after": DEAD_WORKER})
+    return True
+
+
+class _RequeueStale:
+    """Heartbeat callback for a trial whose worker stopped beating: `requeue_dead`. (Optuna's own
+    RetryHeartbeatStaleTrialCallback copies the dead trial's user attributes, its worker among them, onto the
+    retry, which another worker's PID check could then take for a dead worker's trial.)"""
+
+    def __init__(self, max_retry: int | None):
+        self.max_retry = max_retry
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        requeue_dead(study, trial, self.max_retry)
+
+
+def host_id() -> str:
+    """This machine and PID namespace: two containers with one hostname but their own PIDs differ here, so
+    neither takes the other's live workers for dead ones."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}#{ns}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -482,7 +526,9 @@ class StudyRunner:
         self._lock = threading.Lock()
         self._children: dict[int, subprocess.Popen] = {}
         self._started = 0.0
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.host = host_id()
+        self.worker_id = f"{self.host}:{os.getpid()}"
+        self.max_retry = 3  # retries of one trial whose worker died, along its chain
 
     # set-up ------------------------------------------------------------------------------------------------
     def _check_out_dir(self) -> None:
@@ -498,7 +544,7 @@ class StudyRunner:
                 changed = sorted(k for k in mine if theirs.get(k) != mine.get(k))
                 raise RecipeError(f"{self.out} holds a study of a different recipe (fields differ: "
                                   f"{', '.join(changed)}); use another --out directory — nothing was changed")
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes may start in one directory at once
         tmp.write_text(json.dumps({**mine, "source": self.recipe.source}, indent=2) + "\n")
         os.replace(tmp, path)
 
@@ -512,7 +558,7 @@ class StudyRunner:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours (see _run_trial)
         self._check_out_dir()
-        self.storage = make_storage(self.storage_url, *self.heartbeat)
+        self.storage = make_storage(self.storage_url, *self.heartbeat, max_retry=self.max_retry)
         deadline = time.time() + wait_s
         while True:
             try:
@@ -527,25 +573,37 @@ class StudyRunner:
         return self.study
 
     def _recover(self) -> None:
-        """Fail trials of dead workers (heartbeat, or a dead PID on this host) and queue their retries."""
+        """Fail the trials of dead workers and queue their retries: a stale heartbeat (any machine), a dead PID
+        on this machine, or no worker recorded long after the trial started (its worker died the moment it
+        took the trial, before it could say who it was or beat once)."""
+        import datetime
+
         import optuna
         from optuna.storages import fail_stale_trials
         from optuna.trial import TrialState
 
         fail_stale_trials(self.study)
-        host = socket.gethostname()
+        grace = self.heartbeat[1] if self.heartbeat else 180
+        now = datetime.datetime.now()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            who = t.user_attrs.get("worker", "")
-            whost, _, pid = who.rpartition(":")
-            if whost == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                try:
-                    self.storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {who} died")
-                    self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                except optuna.exceptions.UpdateFinishedTrialError:
+            who = t.user_attrs.get("worker")
+            if who is None:
+                if t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace:
                     continue
-                # queued here, grid or not: a worker (which never enqueues the grid) may be the one to find it
-                self.study.enqueue_trial(_params_of(t), user_attrs={"retry_of": t.number})
-                self.log(f"trial {t.number} of dead worker {who} marked FAIL; it will be retried")
+                reason = f"its worker died as it took the trial (no worker recorded {grace} s after the start)"
+            else:
+                whost, _, pid = who.rpartition(":")
+                if whost != self.host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                    continue
+                reason = f"worker {who} died"
+            try:
+                self.storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker got there first
+            # queued here, grid or not: a worker (which never enqueues the grid) may be the one to find it
+            if requeue_dead(self.study, self.storage.get_trial(t._trial_id), self.max_retry, self.log):
+                self.log(f"trial {t.number} marked FAIL ({reason}); it will be retried")
 
     def _enqueue_grid(self) -> None:
         from optuna.trial import TrialState
@@ -612,24 +670,41 @@ class StudyRunner:
                 c["waiting"] += 1
         return c
 
-    def _claim(self) -> bool | None:
-        """True: start a trial now; None: wait (others are running); False: this worker is done."""
+    def _claim(self) -> str | None | bool:
+        """"queued": take a queued trial; "new": sample a new one; None: wait (others are running); False: this
+        worker is done."""
         if self._stop.is_set():
             return False
         if self.recipe.timeout_s and time.time() - self._started > self.recipe.timeout_s:
             return False
         c = self._counts()
+        if c["waiting"]:  # grid cells, and retries of failed or interrupted trials
+            return "queued"
         if self.recipe.grid:
-            if c["waiting"]:
-                return True
             return None if c["running"] else False
-        if c["waiting"]:  # queued: retries of failed or interrupted trials
-            return True
         done = c["complete"] + c["pruned"] + c["failed"]
         budget = self.recipe.trials
         if budget is None or done + c["running"] < budget:
-            return True
+            return "new"
         return None if done < budget and c["running"] else False
+
+    def _take(self, claim: str) -> Any:
+        """The trial to run now, or None when another worker took the queued one first. A queued trial is taken
+        with one atomic WAITING -> RUNNING update; unlike ``study.ask()``, losing that race never samples a new
+        trial, which in a grid study would run a cell twice."""
+        import optuna
+        from optuna.trial import TrialState
+
+        if claim == "new":
+            return self.study.ask()
+        storage = self.study._storage
+        for t in storage.get_all_trials(self.study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+            try:
+                if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                    return optuna.trial.Trial(self.study, t._trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
 
     # running -----------------------------------------------------------------------------------------------
     def run(self, create: bool = True) -> dict[str, int]:
@@ -691,48 +766,73 @@ class StudyRunner:
                 proc.terminate()
 
     def _loop(self, bar: Any) -> None:
-        from optuna.storages import fail_stale_trials
-
         last_recover = time.time()
         while True:
             with self._lock:
                 claim = self._claim()
-                trial = self.study.ask() if claim else None
+                trial = self._take(claim) if claim else None
+                if trial is not None:
+                    self._mark_mine(trial)
             if claim is False:
                 return
             if trial is None:
-                if time.time() - last_recover > max(1, self.heartbeat[0] if self.heartbeat else 5):
-                    fail_stale_trials(self.study)
-                    last_recover = time.time()
-                self._stop.wait(1.0)
+                if claim is None:  # others are running: look for dead workers now and then
+                    if time.time() - last_recover > max(1, self.heartbeat[0] if self.heartbeat else 5):
+                        self._recover()
+                        last_recover = time.time()
+                    self._stop.wait(1.0)
+                else:  # another worker took the queued trial first: look again
+                    self._stop.wait(0.05)
                 continue
-            self._run_trial(trial)
+            try:
+                self._run_trial(trial)
+            except Exception as exc:  # storage trouble: this trial is lost to this worker, not the others
+                self.log(f"trial {trial.number}: {type(exc).__name__}: {exc}")
             if bar is not None:
                 bar.update(1)
+
+    def _mark_mine(self, trial: Any) -> None:
+        """Beat once and record this worker on a trial just taken, before anything else: a worker that dies
+        from here on is found by its PID or its heartbeat (and before it, by `_recover`'s no-worker rule)."""
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        storage = self.study._storage
+        if is_heartbeat_enabled(storage):
+            storage.record_heartbeat(trial._trial_id)
+        trial.set_user_attr("worker", self.worker_id)
 
     def _run_trial(self, trial: Any) -> None:
         import optuna
         from optuna.storages._heartbeat import get_heartbeat_thread
-        from optuna.trial import TrialState
 
         storage, tid = self.study._storage, trial._trial_id
         heartbeat = get_heartbeat_thread(tid, storage)
         heartbeat.start()
         try:
-            params = self.recipe.suggest(trial)
-            config = self.recipe.config_for(params)
-            trial.set_user_attr("worker", self.worker_id)
-            trial.set_user_attr("config", config)
-            run_dir = self.out / "trials" / f"{trial.number:04d}"
-            self._resume_files(trial, config, run_dir)
-            outcome = self._execute(trial, config, run_dir)
-        except Exception as exc:  # a bug or storage trouble here must not take the other workers down
-            outcome = ("fail", f"coordinator error: {type(exc).__name__}: {exc}", None, True)
+            try:
+                params = self.recipe.suggest(trial)
+                config = self.recipe.config_for(params)
+                trial.set_user_attr("config", config)
+                run_dir = self.out / "trials" / f"{trial.number:04d}"
+                self._resume_files(trial, config, run_dir)
+                outcome = self._execute(trial, config, run_dir)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                outcome = ("finished elsewhere", "", None, False)
+            except Exception as exc:  # a bug or storage trouble here must not take the other workers down
+                outcome = ("fail", f"coordinator error: {type(exc).__name__}: {exc}", None, True)
+            self._finish(trial, outcome)
         finally:
-            heartbeat.join()
+            heartbeat.join()  # beats until the outcome is stored: a slow write is not taken for a dead worker
+
+    def _finish(self, trial: Any, outcome: tuple[str, str, Any, bool]) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
         state, reason, summary, final = outcome
         params = trial.params
         try:
+            if state == "finished elsewhere":
+                raise optuna.exceptions.UpdateFinishedTrialError
             if summary is not None:
                 trial.set_user_attr("summary", _compact(summary))
                 if summary.get("measure"):
@@ -741,25 +841,35 @@ class StudyRunner:
                 values = [_metric(summary, m) for m, _ in self.recipe.objectives]
                 for metric, limit in self.recipe.constraints.items():
                     trial.set_constraint(metric, _metric(summary, metric) - limit)
-                self.study.tell(trial, values if self.recipe.multi_objective else values[0])
+                self._tell(trial, TrialState.COMPLETE, values if self.recipe.multi_objective else values[0])
                 shown = ", ".join(f"{m}={v:.4g}" for (m, _), v in zip(self.recipe.objectives, values, strict=True))
                 self.log(f"trial {trial.number} ({_fmt(params)}): {shown} "
                          f"[{summary.get('train_seconds', 0):.0f} s]")
             elif state == "pruned":
-                self.study.tell(trial, state=TrialState.PRUNED)
+                self._tell(trial, TrialState.PRUNED)
                 self.log(f"trial {trial.number} ({_fmt(params)}): pruned at step {summary.get('steps', '?')}"
                          if summary else f"trial {trial.number}: pruned")
             else:
                 trial.set_user_attr("fail_reason", reason)
                 if final:
                     trial.set_user_attr(FINISHED_FAIL, True)
-                self.study.tell(trial, state=TrialState.FAIL)
+                self._tell(trial, TrialState.FAIL)
                 self.log(f"trial {trial.number} failed: {reason}")
         except optuna.exceptions.UpdateFinishedTrialError:
-            self.log(f"trial {trial.number} was already finished by another worker (heartbeat stale?)")
+            self.log(f"trial {trial.number} was already finished by another worker (its heartbeat went stale?); "
+                     f"its retry redoes it")
+
+    def _tell(self, trial: Any, state: Any, values: Any = None) -> None:
+        import optuna
+
+        told = self.study.tell(trial, values, state=state, skip_if_finished=True)
+        if told.state != state:  # finished meanwhile by another worker's recovery
+            raise optuna.exceptions.UpdateFinishedTrialError
 
     def _execute(self, trial: Any, config: dict[str, Any], run_dir: Path) -> tuple[str, str, Any, bool]:
         """Run one trial subprocess; returns (state, reason, summary, final)."""
+        import optuna
+
         run_dir.mkdir(parents=True, exist_ok=True)
         job = {"config": config, "out": str(run_dir), "threads": self.recipe.threads, "measure": self.recipe.measure,
                "prune": not self.recipe.multi_objective and self.recipe.pruner.get("kind", "none") != "none"}
@@ -771,7 +881,7 @@ class StudyRunner:
         timed_out = threading.Event()
         timer = threading.Timer(self.recipe.trial_timeout_s, lambda: (timed_out.set(), proc.kill()))
         timer.start()
-        summary, pruned_here, stopped_here = None, False, False
+        summary, pruned_here, stopped_here, taken = None, False, False, False
         objective = self.recipe.objectives[0][0]
         try:
             proc.stdin.write(json.dumps(job) + "\n")
@@ -780,11 +890,14 @@ class StudyRunner:
                 if line.startswith(EVAL):
                     ev = json.loads(line[len(EVAL):])
                     answer, value = "continue", ev["metrics"].get(objective)
-                    if job["prune"] and isinstance(value, (int, float)) and math.isfinite(value):
-                        trial.report(value, ev["step"])
-                        if trial.should_prune():
-                            answer, pruned_here = "prune", True
-                    if self._stop.is_set():
+                    if job["prune"] and isinstance(value, (int, float)) and math.isfinite(value) and not taken:
+                        try:
+                            trial.report(value, ev["step"])
+                            if trial.should_prune():
+                                answer, pruned_here = "prune", True
+                        except optuna.exceptions.UpdateFinishedTrialError:
+                            taken = True  # failed as stale meanwhile: stop at this checkpoint for the retry
+                    if self._stop.is_set() or taken:
                         answer, stopped_here = "stop", True
                     proc.stdin.write(answer + "\n")
                     proc.stdin.flush()
@@ -794,10 +907,15 @@ class StudyRunner:
         except (BrokenPipeError, OSError):
             proc.wait()
         finally:
+            if proc.poll() is None:  # an error here: no orphaned trial process
+                proc.kill()
+                proc.wait()
             timer.cancel()
             stderr.close()
             with self._lock:
                 self._children.pop(trial.number, None)
+        if taken:
+            raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
         if stopped_here or (self._stop.is_set() and summary is None):
             return "fail", "interrupted (Ctrl-C or SIGTERM); will be redone on resume", summary, False
         if timed_out.is_set():

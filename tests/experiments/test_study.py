@@ -200,7 +200,7 @@ def _count_complete(db: Path) -> int:
 def test_a_worker_that_finds_a_dead_workers_grid_trial_redoes_the_cell(tmp_path):
     """A grid cell whose worker died (its PID on this host is gone) is queued again by whichever process
     finds it — here a worker, which never enqueues the grid itself. (Seen in CI: the cell was lost.)"""
-    import socket
+    from experiments.study import host_id
 
     r = recipe(sampler={"kind": "grid"}, space={"train.seed": [0, 1]})
     coordinator = StudyRunner(r, tmp_path, progress=False)
@@ -209,7 +209,7 @@ def test_a_worker_that_finds_a_dead_workers_grid_trial_redoes_the_cell(tmp_path)
     orphan = coordinator.study.ask()  # a trial some worker took, then died
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    orphan.set_user_attr("worker", f"{host_id()}:{dead.pid}")
 
     counts = StudyRunner(r, tmp_path, progress=False).run(create=False)
     trials = trials_of(coordinator)
@@ -219,6 +219,87 @@ def test_a_worker_that_finds_a_dead_workers_grid_trial_redoes_the_cell(tmp_path)
     assert redo.state == TrialState.COMPLETE and "died" in trials[orphan.number].user_attrs["fail_reason"]
 
 
+def _grid_runner(tmp_path, seeds=(0,), heartbeat=(60, 180)) -> StudyRunner:
+    runner = StudyRunner(recipe(sampler={"kind": "grid"}, space={"train.seed": list(seeds)}), tmp_path,
+                         progress=False, heartbeat=heartbeat, log=lambda msg: None)
+    runner.open(create=True)
+    runner._enqueue_grid()
+    return runner
+
+
+def test_losing_the_race_for_a_queued_grid_cell_never_samples_a_new_one(tmp_path):
+    """Two workers both see one queued cell; the one that loses the WAITING -> RUNNING update gets nothing
+    (``study.ask()`` would have sampled a new trial: a cell run twice)."""
+    a = _grid_runner(tmp_path)
+    b = StudyRunner(a.recipe, tmp_path, progress=False, log=lambda msg: None)
+    b.open(create=False)
+    assert a._claim() == b._claim() == "queued"
+    won = a._take("queued")
+    assert won is not None and won.number == 0
+    assert b._take("queued") is None
+    assert len(trials_of(a)) == 1 and b._claim() is None  # b waits for a's trial; no new trial exists
+
+
+def test_a_trial_whose_worker_died_as_it_took_it_is_redone(tmp_path):
+    """Killed between taking the trial and recording itself (no worker, no heartbeat): once the grace period
+    has passed, the trial is failed with that reason and its cell queued again."""
+    runner = _grid_runner(tmp_path, heartbeat=(1, 2))
+    orphan = runner._take("queued")
+    runner._recover()
+    assert trials_of(runner)[orphan.number].state == TrialState.RUNNING  # within the grace period: alive
+    time.sleep(2.5)
+    runner._recover()
+    trials = trials_of(runner)
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert "no worker recorded" in trials[orphan.number].user_attrs["fail_reason"]
+    (retry,) = [t for t in trials if t.state == TrialState.WAITING]
+    assert retry.user_attrs["retry_of"] == orphan.number and retry.system_attrs["fixed_params"] == {"train.seed": 0}
+
+
+def test_a_stale_heartbeat_queues_a_clean_retry(tmp_path):
+    """A worker on another machine stops beating: its trial is failed and queued again with the same
+    parameters, without the dead trial's attributes (its worker would mark the retry dead too)."""
+    runner = _grid_runner(tmp_path, heartbeat=(1, 2))
+    trial = runner._take("queued")
+    runner.study._storage.record_heartbeat(trial._trial_id)
+    trial.set_user_attr("worker", "another-machine:123")
+    trial.set_user_attr("config", {"x": 1})
+    time.sleep(3.0)
+    runner._recover()
+    trials = trials_of(runner)
+    assert trials[trial.number].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.state == TrialState.WAITING]
+    assert retry.user_attrs == {"retry_of": trial.number, "retry_after": "dead worker"}
+
+
+def test_a_trial_that_keeps_killing_its_worker_is_retried_at_most_max_retry_times(tmp_path):
+    from experiments.study import requeue_dead
+
+    runner = _grid_runner(tmp_path)
+    queued = []
+    for _ in range(4):
+        trial = runner._take("queued")
+        runner.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        queued.append(requeue_dead(runner.study, runner.study._storage.get_trial(trial._trial_id), max_retry=2))
+        if not queued[-1]:
+            break
+    assert queued == [True, True, False]
+    assert [t.state for t in trials_of(runner)] == [TrialState.FAIL] * 3
+
+
+def test_a_result_for_a_trial_failed_elsewhere_is_not_told(tmp_path):
+    """A live worker whose trial was failed as stale (a long stall) keeps its hands off: no exception, the
+    trial stays failed, and its retry redoes it."""
+    logs = []
+    runner = _grid_runner(tmp_path)
+    runner.log = logs.append
+    trial = runner._take("queued")
+    runner.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    runner._finish(trial, ("complete", "", {"final": {"val_bpb": 1.0}}, True))
+    assert trials_of(runner)[trial.number].state == TrialState.FAIL
+    assert "already finished by another worker" in logs[-1]
+
+
 def test_sigkill_of_the_coordinator_then_resume_loses_and_repeats_nothing(tmp_path):
     raw = json.loads(json.dumps(TINY))
     raw["base"]["train"].update(steps=30, eval_interval=5)
@@ -226,7 +307,10 @@ def test_sigkill_of_the_coordinator_then_resume_loses_and_repeats_nothing(tmp_pa
     path = tmp_path / "tiny.toml"
     path.write_text(_to_toml(raw))
     out, db = tmp_path / "run", tmp_path / "run" / "study.db"
-    cmd = [sys.executable, "-m", "experiments", "study", "run", str(path), "--out", str(out), "--no-progress"]
+    # heartbeats every 5 s: a kill in the instant a trial is taken (no worker recorded yet) is recovered after
+    # 15 s rather than the default 180
+    cmd = [sys.executable, "-m", "experiments", "study", "run", str(path), "--out", str(out), "--no-progress",
+           "--heartbeat", "5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not (db.exists() and _count_complete(db) >= 1):
