@@ -1,11 +1,14 @@
 """Attention layers, forward+backward: time and peak memory vs sequence length, each case in a fresh process.
 
     python -m benchmarks.attention            # writes benchmarks/results/attention.{md,json}
+    python -m benchmarks.attention --cases alibi --lengths 1024 --out /tmp/alibi   # a subset
 
 The layer is the full mixer (QKV and output projections included): d_model 256 = 4 heads x head dim 64,
 batch 1, fp32, 2 threads. ``attention/math`` materialises the (T, T) softmax; ``attention/sdpa`` calls
 torch's fused kernel; ``xformers_attention`` runs its CPU path here (torch's flash kernel), the xformers
-kernel on CUDA.
+kernel on CUDA. The ALiBi rows add a per-head bias (an explicit mask for SDPA); the sliding-window rows
+(window 256) compare our chunked kernel with masked SDPA. "memory vs math" divides by the math row of the
+same attention (with ALiBi for ALiBi; full causal attention for the windows).
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ from pathlib import Path
 
 from experiments.measure import MeasureError, machine_info, run_isolated
 
+# label, mixer, options, the row whose memory is the "math" baseline
 CASES = [
-    ("attention/math", "attention", {"impl": "math"}),
-    ("attention/sdpa", "attention", {"impl": "sdpa"}),
-    ("xformers_attention", "xformers_attention", {}),
+    ("attention/math", "attention", {"impl": "math"}, "attention/math"),
+    ("attention/sdpa", "attention", {"impl": "sdpa"}, "attention/math"),
+    ("xformers_attention", "xformers_attention", {}, "attention/math"),
+    ("attention/math, ALiBi", "attention", {"impl": "math", "positions": "alibi"}, "attention/math, ALiBi"),
+    ("attention/sdpa, ALiBi", "attention", {"impl": "sdpa", "positions": "alibi"}, "attention/math, ALiBi"),
+    ("sliding_window/chunked", "sliding_window_attention", {"impl": "chunked", "window": 256}, "attention/math"),
+    ("sliding_window/sdpa", "sliding_window_attention", {"impl": "sdpa", "window": 256}, "attention/math"),
 ]
 
 
@@ -31,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cases", nargs="+", default=None, metavar="TEXT",
+                   help="only the cases whose label contains one of these (case-insensitive), e.g. alibi window")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention")
     args = p.parse_args(argv)
+    cases = [c for c in CASES if args.cases is None or any(w.lower() in c[0].lower() for w in args.cases)]
+    if not cases:
+        p.error(f"no case matches {args.cases}; cases: {', '.join(c[0] for c in CASES)}")
 
     rows = []
     for t in args.lengths:
-        for label, name, opts in CASES:
+        for label, name, opts, _ in cases:
             kwargs = dict(name=name, options={**opts, "n_heads": 4}, d_model=256, batch=1, seq_len=t,
                           mode="fwdbwd", repeats=args.repeats, device=args.device)
             try:
@@ -67,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for t in args.lengths:
         by = {r["label"]: r for r in rows if r["seq_len"] == t}
-        base = by.get("attention/math", {}).get("peak_bytes")
-        for label, _, _ in CASES:
-            r = by[label]
+        for label, _, _, baseline in cases:
+            r, base = by[label], by.get(baseline, {}).get("peak_bytes")
             if "error" in r:
                 lines.append(f"| {t} | {label} | - | failed: {r['error']} | | |")
                 continue

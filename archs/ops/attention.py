@@ -5,8 +5,8 @@ sees keys ``j <= Tk - Tq + i`` (and ``j > Tk - Tq + i - window`` with a window).
 full forward (``Tq == Tk``), a prefill after cached tokens, and one-token decoding.
 
 - `attention_math`: the reference — materialises the ``(Tq, Tk)`` scores and the softmax. O(T^2) memory.
-- `attention_sdpa`: torch's fused ``scaled_dot_product_attention`` (a flash kernel on CPU when unmasked;
-  masked calls in blocks of query rows, so their memory is linear in T too).
+- `attention_sdpa`: torch's fused ``scaled_dot_product_attention`` (a flash kernel on CPU, with or without a
+  mask; masked calls in blocks of query rows, so their memory is linear in T too).
 - `attention_chunked`: exact softmax over query chunks; each chunk is recomputed in the backward pass
   (activation checkpointing) when its key span grows with T, so memory is O(chunk · T) forward and backward;
   with a window the key span is bounded and memory is O(T · (chunk + window)).
@@ -63,12 +63,14 @@ def attention_math(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None
 
 def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
                    alibi: Tensor | None = None) -> Tensor:
-    """torch's fused attention; unmasked causal calls reach the flash kernel (CPU and CUDA).
+    """torch's fused attention: the flash kernel on CPU (and a fused kernel on CUDA), masked or not.
 
-    With a window or ALiBi the call needs an explicit mask, and torch then materialises the ``(B, H, Tq, Tk)``
-    scores (twice, on CPU). So masked calls run over blocks of query rows with at most `MASKED_SCORES` score
-    elements each (recomputed in the backward pass when there is more than one block): memory stays linear in
-    T, e.g. for evaluating an ALiBi model at 64x its training length.
+    With a window or ALiBi the call needs an explicit mask, a ``(Tq, Tk)`` bool or ``(1, H, Tq, Tk)`` float
+    one: on CPU torch sends a 3-D ``(H, Tq, Tk)`` mask to its math path, which materialises the
+    ``(B, H, Tq, Tk)`` scores twice and is 2-3x slower. The mask itself grows as Tq x Tk, so masked calls run
+    over blocks of query rows with at most `MASKED_SCORES` elements of ``B x H x rows x Tk`` each (recomputed
+    in the backward pass when there is more than one block): memory stays linear in T, e.g. for evaluating an
+    ALiBi model at 64x its training length.
     """
     tq, tk = q.shape[2], k.shape[2]
     if window is None and alibi is None and (tq == tk or tq == 1):
@@ -90,7 +92,7 @@ def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, wi
     if alibi is not None:
         bias = alibi_bias(alibi.to(q.dtype), torch.arange(q_start, q_start + tq, device=q.device),
                           torch.arange(k_start, k_start + tk, device=q.device))
-        mask = bias.masked_fill(~mask, float("-inf"))  # (H, tq, tk) float bias
+        mask = bias.masked_fill(~mask, float("-inf"))[None]  # (1, H, tq, tk): 4-D reaches the flash kernel
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 

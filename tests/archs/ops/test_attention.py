@@ -93,6 +93,21 @@ def test_masked_sdpa_in_row_blocks_is_exact(monkeypatch, kw, tq):
     assert max(calls) == 3 and len(calls) >= 2 * ((tq or 37) + 2) // 3  # blocked, forward and recompute
 
 
+@pytest.mark.parametrize("kw", [{"alibi": alibi_slopes(4)}, {"window": 5}], ids=["alibi", "window"])
+def test_masked_sdpa_reaches_the_flash_kernel_on_cpu(kw):
+    """A (H, T, T) mask sends torch's CPU SDPA to its math path (2-3x slower, (B, H, T, T) scores held twice);
+    the masks we build reach the flash kernel, forward and backward."""
+    from torch.profiler import profile
+
+    q, k, v = qkv(37)
+    with profile() as prof:
+        attention_sdpa(q, k, v, **kw).sum().backward()
+    ops = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 def test_masked_sdpa_memory_is_linear_in_length():
     """ALiBi at T=4096, batch 4: one masked call would hold 2 x 1 GiB of scores; the blocks stay far below."""
     import subprocess
