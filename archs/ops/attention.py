@@ -67,7 +67,7 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None
 
     With a window or ALiBi the call needs an explicit mask, a ``(Tq, Tk)`` bool or ``(1, H, Tq, Tk)`` float
     one: on CPU torch sends a 3-D ``(H, Tq, Tk)`` mask to its math path, which materialises the
-    ``(B, H, Tq, Tk)`` scores twice and is 2-3x slower. The mask itself grows as Tq x Tk, so masked calls run
+    ``(B, H, Tq, Tk)`` scores twice and is 1.4-3x slower. The mask itself grows as Tq x Tk, so masked calls run
     over blocks of query rows with at most `MASKED_SCORES` elements of ``B x H x rows x Tk`` each (recomputed
     in the backward pass when there is more than one block): memory stays linear in T, e.g. for evaluating an
     ALiBi model at 64x its training length.
