@@ -817,47 +817,44 @@ class StudyRunner:
                 self._resume_files(trial, config, run_dir)
                 outcome = self._execute(trial, config, run_dir)
             except optuna.exceptions.UpdateFinishedTrialError:
-                outcome = ("finished elsewhere", "", None, False)
+                raise
             except Exception as exc:  # a bug or storage trouble here must not take the other workers down
                 outcome = ("fail", f"coordinator error: {type(exc).__name__}: {exc}", None, True)
             self._finish(trial, outcome)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.log(f"trial {trial.number} was already finished by another worker (its heartbeat went stale?); "
+                     f"its retry redoes it")
         finally:
             heartbeat.join()  # beats until the outcome is stored: a slow write is not taken for a dead worker
 
     def _finish(self, trial: Any, outcome: tuple[str, str, Any, bool]) -> None:
-        import optuna
+        """Store a trial's outcome; raises UpdateFinishedTrialError when another worker finished it first."""
         from optuna.trial import TrialState
 
         state, reason, summary, final = outcome
         params = trial.params
-        try:
-            if state == "finished elsewhere":
-                raise optuna.exceptions.UpdateFinishedTrialError
-            if summary is not None:
-                trial.set_user_attr("summary", _compact(summary))
-                if summary.get("measure"):
-                    trial.set_user_attr("measure", summary["measure"])
-            if state == "complete":
-                values = [_metric(summary, m) for m, _ in self.recipe.objectives]
-                for metric, limit in self.recipe.constraints.items():
-                    trial.set_constraint(metric, _metric(summary, metric) - limit)
-                self._tell(trial, TrialState.COMPLETE, values if self.recipe.multi_objective else values[0])
-                shown = ", ".join(f"{m}={v:.4g}" for (m, _), v in zip(self.recipe.objectives, values, strict=True))
-                self.log(f"trial {trial.number} ({_fmt(params)}): {shown} "
-                         f"[{summary.get('train_seconds', 0):.0f} s]")
-            elif state == "pruned":
-                self._tell(trial, TrialState.PRUNED)
-                self.log(f"trial {trial.number} ({_fmt(params)}): pruned at step {summary.get('steps', '?')}"
-                         if summary else f"trial {trial.number}: pruned")
-            else:
-                trial.set_user_attr("fail_reason", reason)
-                if final:
-                    trial.set_user_attr(FINISHED_FAIL, True)
-                self._tell(trial, TrialState.FAIL)
-                self.log(f"trial {trial.number} failed: {reason}")
-        except optuna.exceptions.UpdateFinishedTrialError:
-            self.log(f"trial {trial.number} was already finished by another worker (its heartbeat went stale?); "
-                     f"its retry redoes it")
+        if summary is not None:
+            trial.set_user_attr("summary", _compact(summary))
+            if summary.get("measure"):
+                trial.set_user_attr("measure", summary["measure"])
+        if state == "complete":
+            values = [_metric(summary, m) for m, _ in self.recipe.objectives]
+            for metric, limit in self.recipe.constraints.items():
+                trial.set_constraint(metric, _metric(summary, metric) - limit)
+            self._tell(trial, TrialState.COMPLETE, values if self.recipe.multi_objective else values[0])
+            shown = ", ".join(f"{m}={v:.4g}" for (m, _), v in zip(self.recipe.objectives, values, strict=True))
+            self.log(f"trial {trial.number} ({_fmt(params)}): {shown} "
+                     f"[{summary.get('train_seconds', 0):.0f} s]")
+        elif state == "pruned":
+            self._tell(trial, TrialState.PRUNED)
+            self.log(f"trial {trial.number} ({_fmt(params)}): pruned at step {summary.get('steps', '?')}"
+                     if summary else f"trial {trial.number}: pruned")
+        else:
+            trial.set_user_attr("fail_reason", reason)
+            if final:
+                trial.set_user_attr(FINISHED_FAIL, True)
+            self._tell(trial, TrialState.FAIL)
+            self.log(f"trial {trial.number} failed: {reason}")
 
     def _tell(self, trial: Any, state: Any, values: Any = None) -> None:
         import optuna

@@ -294,8 +294,13 @@ def test_a_result_for_a_trial_failed_elsewhere_is_not_told(tmp_path):
     runner = _grid_runner(tmp_path)
     runner.log = logs.append
     trial = runner._take("queued")
-    runner.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    runner._finish(trial, ("complete", "", {"final": {"val_bpb": 1.0}}, True))
+
+    def run_while_another_worker_fails_it(trial, config, run_dir):
+        runner.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return "complete", "", {"final": {"val_bpb": 1.0}}, True
+
+    runner._execute = run_while_another_worker_fails_it
+    runner._run_trial(trial)
     assert trials_of(runner)[trial.number].state == TrialState.FAIL
     assert "already finished by another worker" in logs[-1]
 
