@@ -30,6 +30,7 @@ T = TypeVar("T")
 __all__ = [
     "MIXERS",
     "Entry",
+    "MixerlabError",
     "MixerRegistry",
     "OptionInfo",
     "Registry",
@@ -40,7 +41,14 @@ __all__ = [
 ]
 
 
-class RegistryError(KeyError, ValueError):
+class MixerlabError(Exception):
+    """The base of every error mixerlab raises for something the user can fix: a bad name, option, spec,
+    recipe, config value or run directory. Its message names the problem and the fix; the `mixerlab` command
+    prints it as one line (no traceback). Each subclass also derives from the built-in error it refines
+    (``ValueError``, ``KeyError``, ...), so ``except ValueError`` keeps working."""
+
+
+class RegistryError(MixerlabError, KeyError, ValueError):
     """A lookup, registration or plugin-loading error. Its message says what went wrong and how to fix it."""
 
     def __str__(self) -> str:  # KeyError would quote the message

@@ -28,12 +28,12 @@ from archs.mlp import MLPS
 from archs.norms import NORMS, make_norm
 from archs.pattern import LayerSpec, PatternError, pattern_of, ratio_placement, resolve_legend, tile_pattern
 from archs.positions import POSITIONS, LearnedPositions
-from registry import MIXERS, check_fields
+from registry import MIXERS, MixerlabError, check_fields
 
 __all__ = ["PRESETS", "LanguageModel", "ModelCache", "ModelSpec", "SpecError"]
 
 
-class SpecError(ValueError):
+class SpecError(MixerlabError, ValueError):
     """An invalid model spec; the message names the field and the fix."""
 
 
@@ -153,6 +153,11 @@ class ModelSpec:
     def layer_pattern(self) -> str:
         """The layers as a pattern string over the legend (e.g. ``"MMMAMMMA"``)."""
         return pattern_of(list(self.resolved_layers), self.legend)
+
+    @property
+    def length_limit(self) -> int | None:
+        """The longest input this model can run: ``max_seq_len`` with learned positions, else None (no limit)."""
+        return self.max_seq_len if self.positions == "learned" else None
 
     def replace(self, **changes: Any) -> ModelSpec:
         """A copy with ``changes`` applied (validated)."""

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from registry import MixerlabError
+
 __all__ = ["DEFAULT_LEGEND", "LayerSpec", "PatternError", "pattern_of", "ratio_placement", "tile_pattern"]
 
 DEFAULT_LEGEND: dict[str, str] = {
@@ -28,7 +30,7 @@ DEFAULT_LEGEND: dict[str, str] = {
 }
 
 
-class PatternError(ValueError):
+class PatternError(MixerlabError, ValueError):
     """An invalid pattern, legend, ratio or layer list; the message names the fix."""
 
 

@@ -13,9 +13,15 @@ import math
 import torch
 from torch import Tensor, nn
 
+from registry import MixerlabError
+
 POSITIONS = ("learned", "rope", "alibi", "none")
 
-__all__ = ["POSITIONS", "LearnedPositions", "Rotary", "alibi_slopes", "alibi_bias", "apply_rope"]
+__all__ = ["POSITIONS", "LearnedPositions", "LengthError", "Rotary", "alibi_slopes", "alibi_bias", "apply_rope"]
+
+
+class LengthError(MixerlabError, ValueError):
+    """An input longer than a model with learned positions can run; the message names the limit and the fix."""
 
 
 class LearnedPositions(nn.Module):
@@ -30,7 +36,7 @@ class LearnedPositions(nn.Module):
     def forward(self, seq_len: int, offset: int = 0) -> Tensor:  # (T, D)
         end = offset + seq_len
         if end > self.max_seq_len:
-            raise ValueError(
+            raise LengthError(
                 f"position {end - 1} is beyond this model's learned position embeddings "
                 f"(max_seq_len={self.max_seq_len}, input of {seq_len} tokens after {offset} cached). "
                 f"Build the model with ModelSpec(max_seq_len={end}) or more, or use positions='rope', "

@@ -19,7 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.measure import MeasureError, machine_info, run_isolated
+from experiments.child import Isolation, run_isolated
+from experiments.errors import MeasureError
+from experiments.runs import machine_info
 
 # label, mixer, options, the row whose memory is the "math" baseline
 CASES = [
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = dict(name=name, options={**opts, "n_heads": 4}, d_model=256, batch=1, seq_len=t,
                           mode="fwdbwd", repeats=args.repeats, device=args.device)
             try:
-                r = run_isolated("experiments.measure:bench_mixer", kwargs, threads=args.threads, timeout=1800)
+                r = run_isolated("experiments.measure:bench_mixer", kwargs,
+                                 Isolation(threads=args.threads, timeout=1800))
             except MeasureError as exc:
                 r = {"error": str(exc).splitlines()[0]}
             r.update(label=label, seq_len=t)

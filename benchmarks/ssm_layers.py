@@ -5,7 +5,7 @@
 
 The layer is a Mamba-1 block (d_model 256, d_state 16, d_conv 4, expand 2; in/out projections, convolution
 and gate included), batch 4, fp32, 2 threads; every case (path x length x mode) runs in a fresh process
-(`experiments.measure.run_isolated`). Paths:
+(`experiments.child.run_isolated`). Paths:
 
 - ``mamba/chunked``, ``mamba/reference``: this repository's `mamba` mixer, chunked scan vs plain loop;
 - ``hf/MambaMixer``: Hugging Face transformers' ``MambaMixer`` on CPU (its pure-PyTorch fallback), when
@@ -28,7 +28,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.measure import MeasureError, machine_info, run_isolated
+from experiments.child import Isolation, run_isolated
+from experiments.errors import MeasureError
+from experiments.runs import machine_info
 
 LAYER = {"d_model": 256, "d_state": 16, "d_conv": 4, "expand": 2}
 BATCH = 4
@@ -192,11 +194,13 @@ def run_case(label: str, kind: str, what: Any, seq_len: int, mode: str, args: ar
             name, options = what
             kwargs = dict(name=name, options=options, d_model=LAYER["d_model"], batch=BATCH, seq_len=seq_len,
                           mode=mode, repeats=args.repeats)
-            r = run_isolated("experiments.measure:bench_mixer", kwargs, threads=args.threads, timeout=args.timeout)
+            r = run_isolated("experiments.measure:bench_mixer", kwargs,
+                             Isolation(threads=args.threads, timeout=args.timeout))
         else:
             repeats = min(args.repeats, PEER_REPEATS.get((what, mode), args.repeats))
             kwargs = dict(peer=what, seq_len=seq_len, mode=mode, repeats=repeats)
-            r = run_isolated("benchmarks.ssm_layers:bench_peer", kwargs, threads=args.threads, timeout=args.timeout)
+            r = run_isolated("benchmarks.ssm_layers:bench_peer", kwargs,
+                             Isolation(threads=args.threads, timeout=args.timeout))
     except MeasureError as exc:
         return {**row, "error": str(exc).splitlines()[0][:200]}
     return {**r, **row}
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="output path; PATH.md and PATH.json are written")
     args = p.parse_args(argv)
 
-    rates = run_isolated("benchmarks.ssm_layers:machine_rates", {}, threads=args.threads, timeout=600)
+    rates = run_isolated("benchmarks.ssm_layers:machine_rates", {}, Isolation(threads=args.threads, timeout=600))
     print(f"machine: GEMM {rates['gemm_gflops']:.0f} GFLOP/s, exp {rates['exp_gelems']:.2f} Gelem/s, "
           f"bandwidth {rates['bandwidth_gbs']:.1f} GB/s", flush=True)
     for t in args.lengths:

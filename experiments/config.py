@@ -12,31 +12,154 @@ overrides from the command line — all validated into specs before anything run
 
 Overrides address any field by a dotted path: ``model.d_model=256 train.lr=1e-3 data.options.seq_len=64``;
 values are TOML literals (``true``, ``[1, 2]``, ``"text"``), bare words are strings.
+
+`TrainSpec` (how to train) and `DataSpec` (what on) live here beside `ModelSpec`'s loader; `resolve_device`
+is the one reading of a device name.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from archs.model import ModelSpec, SpecError
-from experiments.train import DataSpec, RunError, TrainSpec
+from experiments.errors import ConfigError, RunError, UsageError
+from registry import check_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "apply_overrides", "build_specs", "load_toml", "parse_value", "set_path"]
+__all__ = ["ConfigError", "DataSpec", "TrainSpec", "apply_overrides", "build_specs", "load_toml", "parse_value",
+           "resolve_device", "set_path"]
 
 SECTIONS = ("model", "train", "data")
 
 
-class ConfigError(ValueError):
-    """A bad config file, override or value; the message names the key and the fix."""
+def _fields_error(cls: type, data: dict[str, Any]) -> None:
+    check_fields(cls.__name__, data, [f.name for f in dataclasses.fields(cls)], RunError)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How to train. Every field has a CPU-friendly default."""
+
+    steps: int = 300  # optimiser steps (ignored when `tokens` is set)
+    tokens: int | None = None  # token budget: steps = ceil(tokens / (batch_size * seq_len))
+    batch_size: int = 16
+    seq_len: int = 256  # corpus windows; a task's own seq_len defaults to this
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1  # not on norms, biases, embeddings' positions, A_log, D, dt biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 0
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda
+    eval_interval: int = 100  # steps between evaluations (and checkpoints); the last step always evaluates
+    eval_batches: int = 8  # corpus: windows batches of validation; tasks: ignored (fixed test set)
+    eval_examples: int | None = None  # tasks: examples per test slice (default: the task's own)
+    target_accuracy: float | None = None  # tasks: stop once an evaluation reaches this test accuracy
+    log_interval: int = 10
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise RunError(f"TrainSpec.{name}={getattr(self, name)!r}: {msg}")
+
+        for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches", "log_interval"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
+        need(self.tokens is None or (isinstance(self.tokens, int) and self.tokens > 0), "tokens",
+             "must be a positive int or None")
+        need(self.lr > 0, "lr", "must be positive")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
+        need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+             "must be auto, cpu or cuda[:N]")
+        need(self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target_accuracy",
+             "must be in (0, 1] or None (train every step)")
+
+    @property
+    def total_steps(self) -> int:
+        if self.tokens is not None:
+            return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
+        return self.steps
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to ``lr``, then cosine down to ``lr * min_lr_ratio`` at the last step."""
+        total = self.total_steps
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
+        _fields_error(cls, data)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to train on: a corpus (``corpus="stdlib"`` etc.) or a synthetic task (``task="mqar"``)."""
+
+    corpus: str | None = "stdlib"
+    task: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the corpus's or the task's options
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.corpus is not None and self.corpus != "stdlib":
+            raise RunError(f"DataSpec: give a corpus or a task, not both (corpus={self.corpus!r}, "
+                           f"task={self.task!r})")
+        if self.task is not None:
+            object.__setattr__(self, "corpus", None)
+        if self.task is None and self.corpus is None:
+            raise RunError("DataSpec: give a corpus (e.g. 'stdlib') or a task (e.g. 'mqar')")
+        object.__setattr__(self, "options", json.loads(json.dumps(self.options)))
+
+    @property
+    def kind(self) -> str:
+        """``"task"`` or ``"corpus"``: what the run trains on, and so how it is evaluated and which metrics
+        it has (accuracy, or validation loss and bits per byte)."""
+        return "task" if self.task is not None else "corpus"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataSpec:
+        _fields_error(cls, data)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(name: str) -> Any:
+    """The torch device a name means: ``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda[:N]``."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UsageError(f"device {name!r}: use auto, cpu or cuda[:N]")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r}, but no CUDA device is available here; use auto or cpu")
+    return torch.device(name)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -5,7 +5,11 @@
 - `decode_probe`: per-token decoding latency and cache bytes vs context length (prefill L, then time single
   steps), measured cache bytes beside the analytic ``state_bytes(L)``;
 - `loss_vs_length`: loss vs token position (binned) and vs evaluation length (1x .. 8x the training length)
-  for a trained corpus run; `task_accuracy_vs_length`: a trained task run's accuracy on its test slices.
+  for a trained corpus run; `task_accuracy_vs_length`: a trained task run's accuracy on its test slices;
+- `run_probes`: a study recipe's ``[measure]`` table run on a trained trial.
+
+Each measurement of time or memory runs in a fresh process with the `Isolation` given (threads, timeout,
+device, dtype).
 
 A model with learned positions cannot run past ``max_seq_len``: such lengths are reported as
 ``"n/a — learned positions, max_seq_len=N"``, never a crash.
@@ -19,17 +23,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.measure import MeasureError, length_limit, run_isolated
+from experiments.child import Isolation, run_isolated
+from experiments.errors import MeasureError, RunError
+from experiments.fits import fit_power_law, max_length_for_budget
+from experiments.runs import load_run
+from experiments.targets import length_limit, resolve_target
 
 __all__ = [
     "MEMORY_FLOOR_BYTES",
     "TIME_FLOOR_S",
     "context_probe",
     "decode_probe",
-    "fit_power_law",
-    "load_run",
     "loss_vs_length",
-    "max_length_for_budget",
+    "run_probes",
     "scaling_probe",
     "task_accuracy_vs_length",
 ]
@@ -37,63 +43,11 @@ __all__ = [
 #: values below these are treated as noise and left out of the exponent fits
 MEMORY_FLOOR_BYTES = 4 * 2**20
 TIME_FLOOR_S = 2e-3
+_ISOLATION = Isolation(timeout=1800)
 
 
 def _na_learned(limit: int) -> str:
     return f"n/a — learned positions, max_seq_len={limit}"
-
-
-# fitting ----------------------------------------------------------------------------------------------------
-def fit_power_law(xs: Sequence[float], ys: Sequence[float | None], *, floor: float = 0.0) -> dict[str, Any] | None:
-    """Least-squares fit of ``log y = log c + k log x`` over the points with ``y > floor``.
-
-    Returns ``{"exponent": k, "coef": c, "r2", "used": [x...], "dropped": [x...]}``, or ``None`` when fewer
-    than two points (at distinct x) are above the floor.
-    """
-    pts = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)
-           if y is not None and x > 0 and math.isfinite(y) and y > max(floor, 0.0)]
-    if len({x for x, _ in pts}) < 2:
-        return None
-    lx = [math.log(x) for x, _ in pts]
-    ly = [math.log(y) for _, y in pts]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    sxx = sum((a - mx) ** 2 for a in lx)
-    k = sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sxx
-    log_c = my - k * mx
-    ss_res = sum((b - (log_c + k * a)) ** 2 for a, b in zip(lx, ly, strict=True))
-    ss_tot = sum((b - my) ** 2 for b in ly)
-    used = [x for x, _ in pts]
-    return {"exponent": k, "coef": math.exp(log_c), "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
-            "used": [int(x) if x.is_integer() else x for x in used],
-            "dropped": [x for x in xs if float(x) not in used], "floor": floor}
-
-
-def max_length_for_budget(xs: Sequence[int], ys: Sequence[float | None], fit: dict[str, Any] | None,
-                          budget: float) -> dict[str, Any]:
-    """The largest length whose value (peak bytes) stays within ``budget``.
-
-    ``how`` is ``"measured"`` when the budget is crossed inside the measured lengths (the answer is the
-    largest measured length that fits; ``estimate`` interpolates the fit), else ``"extrapolated"`` from the
-    fit (``None`` length when the value does not grow with T).
-    """
-    pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
-    fits = [x for x, y in pts if y <= budget]
-    over = [x for x, y in pts if y > budget]
-    estimate = None
-    if fit is not None and fit["exponent"] > 1e-3:
-        estimate = int(math.floor((budget / fit["coef"]) ** (1.0 / fit["exponent"])))
-    out: dict[str, Any] = {"budget_bytes": int(budget), "estimate": estimate}
-    if over and fits and min(over) > max(fits):
-        return {**out, "seq_len": max(fits), "how": "measured"}
-    if over and fits:  # not monotone (noise): the largest length that fits below the first that does not
-        below = [x for x in fits if x < min(over)]
-        if below:
-            return {**out, "seq_len": max(below), "how": "measured"}
-    if fit is None:
-        return {**out, "seq_len": max(fits) if fits else None, "how": "measured (no fit)"}
-    if fit["exponent"] <= 1e-3:
-        return {**out, "seq_len": None, "how": "extrapolated", "note": "memory does not grow with T"}
-    return {**out, "seq_len": estimate, "how": "extrapolated"}
 
 
 # time and memory vs T ---------------------------------------------------------------------------------------
@@ -109,8 +63,7 @@ def _mem_available() -> int | None:
 
 
 def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str = "fwdbwd", batch: int = 1,
-                  repeats: int = 3, budget_bytes: float | None = None, device: str = "cpu",
-                  dtype: str = "float32", threads: int | None = None, timeout: float | None = 1800,
+                  repeats: int = 3, budget_bytes: float | None = None, isolation: Isolation = _ISOLATION,
                   memory_floor: float = MEMORY_FLOOR_BYTES, time_floor: float = TIME_FLOOR_S,
                   on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Time and peak memory of ``target`` (see `measure.resolve_target`) at each length, each in a fresh
@@ -132,7 +85,7 @@ def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str =
         else:
             fit = fit_power_law([r["seq_len"] for r in rows if r.get("status") == "ok"],
                                 [r["peak_bytes"] for r in rows if r.get("status") == "ok"], floor=memory_floor)
-            avail = _mem_available() if device == "cpu" else None
+            avail = _mem_available() if isolation.device == "cpu" else None
             predicted = fit["coef"] * t ** fit["exponent"] if fit else None
             if predicted is not None and avail is not None and predicted > 0.8 * avail:
                 row["status"] = stop = (f"skipped: predicted {predicted / 2**30:.1f} GiB > 80% of the "
@@ -141,7 +94,7 @@ def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str =
                 try:
                     r = run_isolated("experiments.measure:bench", {
                         "target": target, "seq_len": t, "batch": batch, "mode": mode, "repeats": repeats,
-                        "device": device, "dtype": dtype}, threads=threads, timeout=timeout)
+                        "device": isolation.device, "dtype": isolation.dtype}, isolation)
                     row.update(r, status="ok", seq_len=t)
                 except MeasureError as exc:
                     msg = str(exc).strip().splitlines()
@@ -156,7 +109,8 @@ def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str =
     fits = {"memory": fit_power_law(xs, [r["peak_bytes"] for r in ok], floor=memory_floor),
             "time": fit_power_law(xs, [r["time_s"] for r in ok], floor=time_floor)}
     out: dict[str, Any] = {"probe": "scaling", "target": target, "mode": mode, "batch": batch, "repeats": repeats,
-                           "device": device, "dtype": dtype, "threads": threads, "rows": rows, "fit": fits}
+                           "device": isolation.device, "dtype": isolation.dtype, "threads": isolation.threads,
+                           "rows": rows, "fit": fits}
     if budget_bytes is not None:
         out["budget"] = max_length_for_budget(xs, [r["peak_bytes"] for r in ok], fits["memory"], budget_bytes)
         if limit is not None and out["budget"].get("seq_len") and out["budget"]["seq_len"] > limit:
@@ -166,8 +120,7 @@ def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str =
 
 # decoding vs context ----------------------------------------------------------------------------------------
 def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int = 32, batch: int = 1,
-                 device: str = "cpu", dtype: str = "float32", threads: int | None = None,
-                 timeout: float | None = 1800,
+                 isolation: Isolation = _ISOLATION,
                  on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Per-token decoding latency and cache bytes after prefilling each context length (fresh process each).
 
@@ -184,8 +137,8 @@ def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int 
         else:
             try:
                 r = run_isolated("experiments.measure:bench_decode", {
-                    "target": target, "context": c, "steps": steps, "batch": batch, "device": device,
-                    "dtype": dtype}, threads=threads, timeout=timeout)
+                    "target": target, "context": c, "steps": steps, "batch": batch, "device": isolation.device,
+                    "dtype": isolation.dtype}, isolation)
                 row.update(r, status="ok", context=c)
             except MeasureError as exc:
                 msg = str(exc).strip().splitlines()
@@ -196,8 +149,9 @@ def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int 
     ok = [r for r in rows if r.get("status") == "ok"]
     xs = [r["context"] for r in ok]
     lat, lat_min = [r["latency_s"] for r in ok], [r["latency_min_s"] for r in ok]
-    out: dict[str, Any] = {"probe": "decode", "target": target, "steps": steps, "batch": batch, "device": device,
-                           "dtype": dtype, "threads": threads, "rows": rows,
+    out: dict[str, Any] = {"probe": "decode", "target": target, "steps": steps, "batch": batch,
+                           "device": isolation.device, "dtype": isolation.dtype, "threads": isolation.threads,
+                           "rows": rows,
                            "fit": {"latency": fit_power_law(xs, lat), "latency_min": fit_power_law(xs, lat_min),
                                    "cache_bytes": fit_power_law(xs, [r["cache_bytes"] for r in ok])}}
     out["growth"] = lat[-1] / lat[0] if len(lat) >= 2 and lat[0] > 0 else None
@@ -206,25 +160,6 @@ def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int 
 
 
 # trained runs: loss and accuracy vs length ------------------------------------------------------------------
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """The trained model of a run directory (``spec.json`` + ``checkpoint.pt``), in eval mode, and its specs."""
-    import torch
-
-    from archs.model import LanguageModel, ModelSpec
-
-    run = Path(run_dir)
-    if not (run / "spec.json").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no spec.json); pass the --out of a training run")
-    if not (run / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"{run} has no checkpoint.pt (the run saved no evaluation yet)")
-    specs = json.loads((run / "spec.json").read_text())
-    model = LanguageModel(ModelSpec.from_dict(specs["model"]))
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    specs["step"] = ckpt.get("step")
-    return model.to(device).eval(), specs
-
-
 def _bins(losses: Any, counts: Any, n_bins: int) -> list[dict[str, Any]]:
     """Mean loss over ``n_bins`` equal ranges of positions; ``losses``/``counts`` are per position (T,)."""
     t = losses.shape[0]
@@ -241,37 +176,29 @@ def loss_vs_length(run_dir: str | Path, *, multipliers: Sequence[float] = (1, 2,
                    tokens: int = 32768, batch: int = 8, split: str = "val", device: str = "cpu") -> dict[str, Any]:
     """Loss of a trained corpus run vs evaluation length (``multipliers`` x its training length) and vs token
     position (``bins`` equal ranges of each length), on ``tokens`` tokens of ``split`` per length."""
-    import torch
-    import torch.nn.functional as F
-
     from experiments.data import load_corpus
+    from experiments.data.training import position_losses
 
     model, specs = load_run(run_dir, device)
     data = specs["data"]
     if data.get("task"):
-        raise ValueError(f"{run_dir} trained on task {data['task']!r}; use task_accuracy_vs_length")
+        raise RunError(f"{run_dir} trained on task {data['task']!r}; use task_accuracy_vs_length")
     corpus = load_corpus(data["corpus"], **data.get("options", {}))
     train_len = specs["train"]["seq_len"]
-    limit = model.spec.max_seq_len if model.spec.positions == "learned" else None
+    limit = model.spec.length_limit
     rows = []
     for m in multipliers:
         length = int(round(train_len * m))
         row: dict[str, Any] = {"multiplier": m, "seq_len": length}
-        windows = max(1, min(tokens // length, corpus.num_eval_windows(split, length)))
+        available = corpus.num_eval_windows(split, length)
         if limit is not None and length > limit:
             row["status"] = _na_learned(limit)
-        elif corpus.num_eval_windows(split, length) < 1:
+        elif available < 1:
             row["status"] = f"n/a — the {split} split has {corpus.num_tokens(split)} tokens"
         else:
-            sums = torch.zeros(length, dtype=torch.float64)
-            counts = torch.zeros(length, dtype=torch.float64)
-            with torch.no_grad():
-                for x, y in corpus.eval_batches(split, min(batch, windows), length,
-                                                max_batches=math.ceil(windows / min(batch, windows))):
-                    logits = model(x.to(device))  # (B, T, V)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="none")
-                    sums += loss.view(x.shape).double().sum(0).cpu()
-                    counts += x.shape[0]
+            windows = max(1, min(tokens // length, available))
+            size = min(batch, windows)
+            sums, counts = position_losses(model, corpus, split, length, size, math.ceil(windows / size), device)
             total = float(sums.sum() / counts.sum())
             inside = min(train_len, length)
             row.update(status="ok", loss=total, ppl=math.exp(min(total, 50.0)), tokens=int(counts.sum()),
@@ -287,45 +214,32 @@ def loss_vs_length(run_dir: str | Path, *, multipliers: Sequence[float] = (1, 2,
 
 def task_accuracy_vs_length(run_dir: str | Path, *, examples: int | None = None, batch: int = 32,
                             device: str = "cpu") -> dict[str, Any]:
-    """Accuracy of a trained task run on each slice of its task's fixed test set, and by sequence length."""
-    import torch
-
-    from experiments.tasks import make_task, predictions_of
+    """Accuracy of a trained task run on each slice of its task's fixed test set, and by sequence length
+    (the training run's own evaluation, `TaskData.report`, over every slice)."""
+    from experiments.config import DataSpec, TrainSpec
+    from experiments.data.training import TaskData
 
     model, specs = load_run(run_dir, device)
-    data = specs["data"]
-    if not data.get("task"):
-        raise ValueError(f"{run_dir} trained on corpus {data.get('corpus')!r}, not a task; use loss_vs_length")
-    options = dict(data.get("options", {}))
-    options.setdefault("seq_len", specs["train"]["seq_len"])
-    task = make_task(data["task"], **options)
-    limit = model.spec.max_seq_len if model.spec.positions == "learned" else None
-    rows, by_len = [], {}
-    with torch.no_grad():
-        for sl in task.test_set(examples):
-            length = sl.inputs.shape[1]
-            row: dict[str, Any] = {"slice": sl.name, "seq_len": length, **sl.attrs,
-                                   "multiplier": length / task.seq_len}
-            if limit is not None and length > limit:
-                row["status"] = _na_learned(limit)
-                by_len.setdefault(length, None)
-            else:
-                preds = torch.cat([predictions_of(model(sl.inputs[i:i + batch].to(device))).cpu()
-                                   for i in range(0, len(sl), batch)])
-                row.update(status="ok", accuracy=task.accuracy(preds, sl), exact_match=task.exact_match(preds, sl),
-                           examples=len(sl))
-                hits = float(((preds == sl.targets) & (sl.targets != -100)).sum())
-                n = float((sl.targets != -100).sum())
-                prev = by_len.get(length) or [0.0, 0.0]
-                by_len[length] = [prev[0] + hits, prev[1] + n]
-            rows.append(row)
-    by = []
-    for length in sorted(by_len):
-        v = by_len[length]
-        by.append({"seq_len": length, "multiplier": length / task.seq_len,
-                   **({"status": "ok", "accuracy": v[0] / v[1] if v[1] else None} if v
-                      else {"status": _na_learned(limit)})})
-    return {"probe": "task_accuracy_vs_length", "run": str(run_dir), "task": data["task"],
+    spec = DataSpec.from_dict(specs["data"])
+    if spec.kind != "task":
+        raise RunError(f"{run_dir} trained on corpus {spec.corpus!r}, not a task; use loss_vs_length")
+    data = TaskData(spec, TrainSpec(seq_len=specs["train"]["seq_len"], batch_size=batch, eval_examples=examples))
+    report = data.report(model, device)
+    task, limit = data.task, model.spec.length_limit
+    rows = []
+    for sl in data.task.test_set(examples):
+        row: dict[str, Any] = {"slice": sl.name, "seq_len": sl.inputs.shape[1], **sl.attrs,
+                               "multiplier": sl.inputs.shape[1] / task.seq_len}
+        if sl in report["skipped"]:
+            row["status"] = _na_learned(limit)
+        else:
+            got = report["slices"][sl.name]
+            row.update(status="ok", accuracy=got["accuracy"], exact_match=got["exact_match"], examples=len(sl))
+        rows.append(row)
+    by = [{"seq_len": length, "multiplier": length / task.seq_len,
+           **({"status": "ok", "accuracy": acc} if acc is not None else {"status": _na_learned(limit)})}
+          for length, acc in sorted(report["by"].get("seq_len", {}).items())]
+    return {"probe": "task_accuracy_vs_length", "run": str(run_dir), "task": spec.task,
             "train_seq_len": task.seq_len, "positions": model.spec.positions, "max_seq_len": model.spec.max_seq_len,
             "step": specs.get("step"), "rows": rows, "by_seq_len": by}
 
@@ -338,3 +252,37 @@ def context_probe(run: str, **kwargs: Any) -> dict[str, Any]:
         return task_accuracy_vs_length(run, **keep)
     keep = {k: v for k, v in kwargs.items() if k in ("multipliers", "bins", "tokens", "batch", "split", "device")}
     return loss_vs_length(run, **keep)
+
+
+def run_probes(measure: dict[str, dict[str, Any]], run_dir: str | Path, model: Any, task: bool,
+               isolation: Isolation = _ISOLATION) -> dict[str, Any]:
+    """A recipe's ``[measure]`` table on a trained trial, each case in a fresh process.
+
+    ``memory``: time and peak memory vs T of the first layer's mixer (``of = "mixer"``) or the whole model;
+    ``decode``: per-token latency and cache bytes vs context; ``context``: loss vs position and evaluation
+    length (corpus) or accuracy vs length (task). ``model`` is the trial's `ModelSpec`. A failing probe is
+    recorded (``{"error": ...}``); the trial's training result stands.
+    """
+    out: dict[str, Any] = {}
+    layer = model.resolved_layers[0]
+    for kind, opts in measure.items():
+        try:
+            if kind == "memory":
+                if opts.get("of", "mixer") == "mixer":
+                    target = resolve_target(mixer=layer.mixer, options=layer.options, d_model=model.d_model)
+                else:
+                    target = resolve_target(run=run_dir)
+                out[kind] = scaling_probe(target, opts["lengths"], mode=opts.get("mode", "fwdbwd"),
+                                          batch=opts.get("batch", 1), repeats=opts.get("repeats", 2),
+                                          isolation=isolation)
+            elif kind == "decode":
+                out[kind] = decode_probe(resolve_target(run=run_dir), opts["contexts"], steps=opts.get("steps", 16),
+                                         batch=opts.get("batch", 1), isolation=isolation)
+            elif task:
+                out[kind] = task_accuracy_vs_length(run_dir, examples=opts.get("examples"))
+            else:
+                out[kind] = loss_vs_length(run_dir, multipliers=opts.get("multipliers", (1, 2, 4, 8)),
+                                           bins=opts.get("bins", 8), tokens=opts.get("tokens", 32768))
+        except Exception as exc:  # recorded; the trial's training result stands
+            out[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out

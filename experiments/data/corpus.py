@@ -33,7 +33,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from experiments.data.sources import (
     textfile_documents,
 )
 from experiments.data.tokenizer import BYTE_TOKENIZER, ByteTokenizer
+from experiments.runs import atomic_write
 
 __all__ = [
     "CORPUS_KINDS",
@@ -288,21 +288,6 @@ def _tokenise(documents: list[Document], eos: int) -> np.ndarray:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class Corpus:
     """A tokenised corpus with train/val/test splits as read-only memory-mapped uint16 arrays.
 
@@ -405,8 +390,8 @@ class Corpus:
             "tokens": int(len(tokens)),
             "splits": splits,
         }
-        _atomic_write(npy, lambda f: np.save(f, tokens, allow_pickle=False))
-        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
+        atomic_write(npy, lambda f: np.save(f, tokens, allow_pickle=False))
+        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
         return cls(spec, np.load(npy, mmap_mode="r"), meta, npy, False, time.perf_counter() - t0)
 
     @property

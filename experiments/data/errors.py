@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from experiments.errors import MixerlabError
+
 __all__ = [
     "CorpusNotFoundError",
     "DataError",
@@ -12,7 +14,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(MixerlabError, ValueError):
     """Base class of every data-layer error."""
 
 

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from experiments.errors import MixerlabError
+
 __all__ = [
     "IGNORE_INDEX",
     "TEST_SEED",
@@ -42,7 +44,7 @@ IGNORE_INDEX = -100
 TEST_SEED = 20231201
 
 
-class TaskError(ValueError):
+class TaskError(MixerlabError, ValueError):
     """A bad task name, option or argument. The message lists what is valid."""
 
 

@@ -4,7 +4,6 @@ Tiny sizes only; no timing is asserted (the machines are shared). Run directorie
 the format `experiments.train` writes (spec.json with model/train/data, checkpoint.pt with the weights).
 """
 
-import argparse
 import json
 import math
 
@@ -12,24 +11,13 @@ import pytest
 import torch
 
 from archs.model import LanguageModel, ModelSpec
-from experiments.measure import (
-    MeasureError,
-    PeakMemory,
-    bench,
-    bench_decode,
-    configure_parser,
-    resolve_target,
-    run_cli,
-    run_isolated,
-)
-from experiments.probes import (
-    decode_probe,
-    fit_power_law,
-    loss_vs_length,
-    max_length_for_budget,
-    scaling_probe,
-    task_accuracy_vs_length,
-)
+from experiments.child import run_isolated
+from experiments.cli import main
+from experiments.errors import MeasureError
+from experiments.fits import fit_power_law, max_length_for_budget
+from experiments.measure import PeakMemory, bench, bench_decode
+from experiments.probes import decode_probe, loss_vs_length, scaling_probe, task_accuracy_vs_length
+from experiments.targets import resolve_target
 from registry import MIXERS
 
 MiB = 2**20
@@ -60,9 +48,7 @@ def task_run(tmp_path_factory):
 
 
 def cli(argv):
-    p = argparse.ArgumentParser()
-    configure_parser(p)
-    return run_cli(p.parse_args(argv))
+    return main(["measure", *argv])
 
 
 # the memory method ------------------------------------------------------------------------------------------
@@ -81,9 +67,9 @@ def test_calibrate_in_a_fresh_process():
 
 def test_run_isolated_raises_the_childs_error(tmp_path):
     with pytest.raises(MeasureError) as exc:
-        run_isolated("experiments.probes:load_run", {"run_dir": str(tmp_path / "nowhere")})
+        run_isolated("experiments.runs:load_run", {"run_dir": str(tmp_path / "nowhere")})
     msg = str(exc.value)
-    assert "FileNotFoundError" in msg and "is not a run directory" in msg and "exit code 1" in msg
+    assert "experiments.runs:load_run" in msg and "RunError" in msg and "is not a run directory" in msg
 
 
 # fits -------------------------------------------------------------------------------------------------------

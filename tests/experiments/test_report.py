@@ -1,8 +1,9 @@
 """Reports: tables, figures, power-law fits, colours and status from real Optuna studies of fabricated trials.
 
 The studies live in a temporary SQLite file; trials are made with ``optuna.trial.create_trial`` and carry the
-user attrs the study engine stores (``config``, ``summary`` as `_compact` keeps it, ``fail_reason``,
-``measure``). The fabricated losses follow exact power laws, so the fitted exponents are known.
+user attrs the study engine stores: ``config``, and a `TrialSummary` (with its measurements, in the shape the
+probes return) stored by `ledger.summary_attrs`, as `StudyRunner.store` stores it. The fabricated losses follow
+exact power laws, so the fitted exponents are known.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from experiments.report import (
     status_text,
     write_report,
 )
-from experiments.study import FINISHED_FAIL
+from experiments.runs import SCOPE_STEPS, TrialSummary
+from experiments.study.ledger import FINAL, summary_attrs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,24 +46,25 @@ def n_params(d: int, n_layers: int = 4) -> int:
     return 12 * n_layers * d * d + 260 * d
 
 
-def corpus_summary(family: str, d: int, bpb: float, status: str = "completed") -> dict:
+def corpus_summary(family: str, d: int, bpb: float, status: str = "completed", measured: bool = False) -> dict:
     params = n_params(d)
     steps = 100 if status == "completed" else 40
     curve = [(s, bpb * (1 + 3.0 / s ** 0.8)) for s in range(10, steps + 1, 10)]  # decreasing to bpb
     evals = [{"step": s, "tokens": s * 2048, "val_bpb": b, "val_loss": b * math.log(2),
               "val_ppl": math.exp(b * math.log(2)), "val_tokens": 4096} for s, b in curve]
-    return {
-        "status": status, "steps": steps, "total_steps": 100, "tokens": steps * 2048,
-        "final": {"val_loss": bpb * math.log(2), "val_ppl": math.exp(bpb * math.log(2)), "val_bpb": bpb,
-                  "val_tokens": 4096},
-        "evals": evals, "train_seconds": 12.5, "tokens_per_s": 16384.4 + d, "params": params,
-        "params_non_embedding": params - 260 * d, "flops_per_token": 6 * params, "state_bytes": 1000 * d,
-        "backends": {"0:attention": "sdpa"} if family == "attention" else
+    summary = TrialSummary(
+        status=status, steps=steps, total_steps=100, tokens=steps * 2048,
+        final={"val_loss": bpb * math.log(2), "val_ppl": math.exp(bpb * math.log(2)), "val_bpb": bpb,
+               "val_tokens": 4096},
+        evals=evals, train_seconds=12.5, tokens_per_s=16384.4 + d, params=params,
+        params_non_embedding=params - 260 * d, flops_per_token=6 * params, state_bytes=1000 * d,
+        backends={"0:attention": "sdpa"} if family == "attention" else
         {"0:mamba": "torch-scan", **({"3:attention": "sdpa"} if family == "hybrid" else {})},
-        "device": "cpu", "precision": "fp32", "peak_memory_mb": 100.0 + d * 1.5, "memory_method": "cpu-rss-hwm",
-        "corpus_hash": "abcdef0123456789abcdef", "unigram_bpb": 4.9, "layer_pattern": PATTERNS[family],
-        "machine": MACHINE,
-    }
+        device="cpu", precision="fp32", peak_memory_mib=100.0 + d * 1.5, memory_method="VmHWM - baseline",
+        memory_scope=SCOPE_STEPS, corpus_hash="abcdef0123456789abcdef", unigram_bpb=4.9,
+        layer_pattern=PATTERNS[family], model={"d_model": d, "n_layers": 4}, machine=MACHINE,
+        measure=measure(family) if measured else {})
+    return summary_attrs(summary)
 
 
 def config(family: str, d: int) -> dict:
@@ -70,16 +73,22 @@ def config(family: str, d: int) -> dict:
 
 
 def measure(family: str) -> dict:
+    """Long-context measurements as `run_probes` returns them (scaling, decode and loss-vs-length probes)."""
     grow = 2.0 if family == "attention" else 1.0
-    return {
-        "memory_vs_len": [{"seq_len": t, "peak_bytes": 2**20 * (t / 256) ** grow * 10,
-                           "time_s": 0.01 * (t / 256) ** grow, "status": "ok"} for t in (256, 512, 1024, 2048)]
-        + [{"seq_len": 4096, "status": "skipped: predicted 9.0 GiB > 80% of the 8.0 GiB available"}],
-        "decode": [{"context": c, "latency_ms": 1.0 + (c / 1024 if family == "attention" else 0),
-                    "cache_bytes": (c * 512 if family == "attention" else 65536)} for c in (256, 1024, 4096)],
-        "loss_vs_len": [{"seq_len": t, "loss": 1.5 + (0.3 * t / 128 if family == "attention" else 0.01 * t / 128),
-                         "status": "ok"} for t in (128, 256, 512)],
-    }
+    memory = [{"seq_len": t, "peak_bytes": 2**20 * (t / 256) ** grow * 10, "time_s": 0.01 * (t / 256) ** grow,
+               "status": "ok"} for t in (256, 512, 1024, 2048)]
+    memory.append({"seq_len": 4096, "status": "skipped: predicted 9.0 GiB > 80% of the 8.0 GiB available"})
+    decode = [{"context": c, "latency_s": (1.0 + (c / 1024 if family == "attention" else 0)) / 1e3,
+               "cache_bytes": (c * 512 if family == "attention" else 65536), "status": "ok"} for c in (256, 1024, 4096)]
+    loss = [{"seq_len": t, "loss": 1.5 + (0.3 * t / 128 if family == "attention" else 0.01 * t / 128),
+             "status": "ok"} for t in (128, 256, 512)]
+    return {"memory": {"probe": "scaling", "rows": memory}, "decode": {"probe": "decode", "rows": decode},
+            "context": {"probe": "loss_vs_length", "rows": loss}}
+
+
+def stored(**fields) -> dict:
+    """The user attrs of a trial whose summary has ``fields``, as the study engine stores them."""
+    return summary_attrs(TrialSummary(**{"status": "completed", **fields}))
 
 
 def add(study: optuna.Study, state: TrialState, params: dict, attrs: dict, values=None, intermediate=None):
@@ -95,19 +104,17 @@ def make_corpus_study(storage: str) -> optuna.Study:
     for family, (c, k) in LAWS.items():
         for d in WIDTHS:
             bpb = c * n_params(d) ** k
-            attrs = {"config": config(family, d), "summary": corpus_summary(family, d, bpb)}
-            if d == 64:
-                attrs["measure"] = measure(family)
+            attrs = {"config": config(family, d), **corpus_summary(family, d, bpb, measured=d == 64)}
             add(study, TrialState.COMPLETE, {"variant": family, "model.d_model": d}, attrs, [bpb])
     # a worse run at an existing size (another learning rate): must not move the fit
     bad = LAWS["attention"][0] * n_params(64) ** LAWS["attention"][1] * 1.2
     add(study, TrialState.COMPLETE, {"variant": "attention", "model.d_model": 64},
-        {"config": config("attention", 64), "summary": corpus_summary("attention", 64, bad)}, [bad])
+        {"config": config("attention", 64), **corpus_summary("attention", 64, bad)}, [bad])
     add(study, TrialState.PRUNED, {"variant": "mamba", "model.d_model": 32},
-        {"config": config("mamba", 32), "summary": corpus_summary("mamba", 32, 1.3, status="pruned")},
+        {"config": config("mamba", 32), **corpus_summary("mamba", 32, 1.3, status="pruned")},
         intermediate={20: 1.6, 40: 1.5})
     add(study, TrialState.FAIL, {"variant": "hybrid", "model.d_model": 128},
-        {"config": config("hybrid", 128), "fail_reason": "killed by SIGKILL (out of memory?)", FINISHED_FAIL: True})
+        {"config": config("hybrid", 128), "fail_reason": "killed by SIGKILL (out of memory?)", FINAL: True})
     add(study, TrialState.FAIL, {"variant": "mamba", "model.d_model": 128},
         {"config": config("mamba", 128), "fail_reason": "interrupted (Ctrl-C); will be redone on resume"})
     add(study, TrialState.RUNNING, {"variant": "attention", "model.d_model": 128}, {})
@@ -117,28 +124,29 @@ def make_corpus_study(storage: str) -> optuna.Study:
 
 
 def task_summary(pattern: str, d: int, acc: float, mem: float) -> dict:
-    return {
-        "status": "completed", "steps": 200, "total_steps": 200, "tokens": 200 * 4096,
-        "final": {"accuracy": acc, "exact_match": acc * 0.8,
-                  "by": {"seq_len": {"64": min(1.0, acc + 0.1), "128": acc, "256": acc / 2},
-                         "num_kv_pairs": {"4": acc + 0.05, "16": acc - 0.05}}},
-        "evals": [{"step": s, "tokens": s * 4096, "accuracy": acc * s / 200, "exact_match": acc * 0.8 * s / 200}
-                  for s in (50, 100, 150, 200)],
-        "train_seconds": 30.0, "tokens_per_s": 27306.7, "params": n_params(d), "flops_per_token": 6 * n_params(d),
-        "backends": {"0:attention": "math"}, "device": "cpu", "precision": "fp32", "peak_memory_mb": mem,
-        "memory_method": "cpu-rss-hwm", "task": "mqar", "layer_pattern": pattern, "machine": MACHINE,
-    }
+    summary = TrialSummary(
+        status="completed", steps=200, total_steps=200, tokens=200 * 4096,
+        final={"accuracy": acc, "exact_match": acc * 0.8,
+               "by": {"seq_len": {64: min(1.0, acc + 0.1), 128: acc, 256: acc / 2},
+                      "num_kv_pairs": {4: acc + 0.05, 16: acc - 0.05}}},
+        evals=[{"step": s, "tokens": s * 4096, "accuracy": acc * s / 200, "exact_match": acc * 0.8 * s / 200}
+               for s in (50, 100, 150, 200)],
+        train_seconds=30.0, tokens_per_s=27306.7, params=n_params(d), flops_per_token=6 * n_params(d),
+        backends={"0:attention": "math"}, device="cpu", precision="fp32", peak_memory_mib=mem,
+        memory_method="VmHWM - baseline", memory_scope=SCOPE_STEPS, task="mqar", layer_pattern=pattern,
+        model={"d_model": d, "n_layers": 4}, machine=MACHINE)
+    return summary_attrs(summary)
 
 
 def make_task_study(storage: str) -> optuna.Study:
     study = optuna.create_study(study_name="mqar-pareto", storage=storage, directions=["maximize", "minimize"])
-    study.set_metric_names(["accuracy", "peak_memory_mb"])
+    study.set_metric_names(["accuracy", "peak_memory_mib"])
     cells = [("AAAA", 64, 0.95, 400.0), ("MMMM", 64, 0.60, 150.0), ("MMMA", 64, 0.90, 220.0),
              ("SSSS", 64, 0.55, 160.0), ("AAAA", 32, 0.80, 450.0)]
     for pattern, d, acc, mem in cells:
         cfg = {"model": {"d_model": d, "n_layers": 4, "pattern": pattern}, "train": {"seq_len": 128},
                "data": {"task": "mqar"}}
-        attrs = {"config": cfg, "summary": task_summary(pattern, d, acc, mem)}
+        attrs = {"config": cfg, **task_summary(pattern, d, acc, mem)}
         add(study, TrialState.COMPLETE, {"model.d_model": d}, attrs, [acc, mem])
     return study
 
@@ -301,7 +309,7 @@ def test_default_family_and_override(corpus, tmp_path):
     study = corpus[0]
     assert default_family(study.trials[0]) == "attention"  # the variant param
     trial = create_trial(state=TrialState.COMPLETE, value=1.0, params={}, distributions={},
-                         user_attrs={"summary": {"layer_pattern": "MMMAMM"}})
+                         user_attrs=stored(layer_pattern="MMMAMM"))
     assert default_family(trial) == "hybrid MMMA"
     trial = create_trial(state=TrialState.COMPLETE, value=1.0, params={}, distributions={},
                          user_attrs={"config": {"model": {"pattern": "SS", "n_layers": 6}}})
@@ -348,10 +356,10 @@ def test_best_of_a_learning_rate_sweep_per_cell(tmp_path):
             "train.lr": CategoricalDistribution([0.001, 0.01])}
     acc = {("attention", 0.001): 0.5, ("attention", 0.01): 0.9, ("mamba", 0.001): 0.7, ("mamba", 0.01): 0.2}
     for (variant, lr), a in acc.items():
-        summary = {"status": "completed", "final": {"accuracy": a}, "params": 1000, "layer_pattern": "AA",
-                   "target_reached_step": 300 if a >= 0.9 else None}  # train.target_accuracy = 0.9
+        summary = stored(final={"accuracy": a}, params=1000, layer_pattern="AA",
+                         target_reached_step=300 if a >= 0.9 else None)  # train.target_accuracy = 0.9
         study.add_trial(create_trial(params={"variant": variant, "train.lr": lr}, distributions=dist, value=a,
-                                     user_attrs={"summary": summary, "config": {"model": {"d_model": 32}}}))
+                                     user_attrs={**summary, "config": {"model": {"d_model": 32}}}))
     paths = write_report(study, tmp_path / "out", recipe_info={"name": "sweep", "report": {"best_over": ["train.lr"]}},
                          figures=[])
     best = list(csv.DictReader(paths["table.csv"].open()))
@@ -380,13 +388,13 @@ def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
                     solved = variant == "attention" or (d == 64 and seq == 64)
                     acc = 1.0 if solved else 0.1 * d / 32 + lr
                     steps = (100 if lr == 0.01 else 300) if solved else None
-                    summary = {"status": "completed", "final": {"accuracy": acc, "by": {"seq_len": {str(seq): acc}}},
-                               "params": 100 * d,
-                               "layer_pattern": "AA" if variant == "attention" else "MM", "target_reached_step": steps}
+                    summary = stored(final={"accuracy": acc, "by": {"seq_len": {seq: acc}}}, params=100 * d,
+                                     layer_pattern="AA" if variant == "attention" else "MM",
+                                     target_reached_step=steps, model={"d_model": d, "n_layers": 2})
                     cfg = {"model": {"d_model": d}, "train": {"seq_len": seq, "lr": lr}}
                     study.add_trial(create_trial(
                         params={"variant": variant, "length": length, "model.d_model": d, "train.lr": lr},
-                        distributions=dist, value=acc, user_attrs={"summary": summary, "config": cfg}))
+                        distributions=dist, value=acc, user_attrs={**summary, "config": cfg}))
     paths = write_report(study, tmp_path / "out", recipe_info={"name": "mqar", "report": {"best_over": ["train.lr"]}})
     best = list(csv.DictReader(paths["table.csv"].open()))
     assert len(best) == 8 and {r["seq_len"] for r in best} == {"64", "256"}
@@ -406,14 +414,13 @@ def test_a_redone_trial_replaces_the_failed_one_in_the_table(tmp_path):
     study = optuna.create_study(study_name="redo", storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize"])
     study.set_metric_names(["accuracy"])
     dist = {"variant": CategoricalDistribution(["attention", "mamba"])}
-    summary = {"status": "completed", "final": {"accuracy": 0.9}, "params": 1000, "layer_pattern": "AA"}
-    attrs = {"summary": summary, "config": {"model": {"d_model": 32}}}
+    attrs = {**stored(final={"accuracy": 0.9}, params=1000, layer_pattern="AA"), "config": {"model": {"d_model": 32}}}
     study.add_trial(create_trial(params={"variant": "attention"}, distributions=dist, state=TrialState.FAIL,
                                  user_attrs={"fail_reason": "worker host:1 died", **attrs}))
     study.add_trial(create_trial(params={"variant": "attention"}, distributions=dist, value=0.9,
                                  user_attrs={"retry_of": 0, **attrs}))
     study.add_trial(create_trial(params={"variant": "mamba"}, distributions=dist, state=TrialState.FAIL,
-                                 user_attrs={"fail_reason": "crashed (exit 1): boom", FINISHED_FAIL: True, **attrs}))
+                                 user_attrs={"fail_reason": "crashed (exit 1): boom", FINAL: True, **attrs}))
     study.add_trial(create_trial(params={"variant": "mamba"}, distributions=dist, state=TrialState.FAIL,
                                  user_attrs=attrs))  # a dead worker's trial, retried by Optuna's heartbeat callback
     study.add_trial(create_trial(params={"variant": "mamba"}, distributions=dist, value=0.5,

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from experiments.study import Recipe, RecipeError, StudyRunner, recipe_names
+from experiments.child import Isolation
+from experiments.runs import TrialSummary
+from experiments.study import Action, Outcome, Recipe, RecipeError, StudyRunner, TrialProcess, ledger, recipe_names
 
 TINY = {
     "base": {
@@ -79,10 +82,12 @@ def test_bundled_recipes_validate(name, scale):
 
 
 def test_a_different_recipe_in_the_same_directory_is_refused(tmp_path):
-    StudyRunner(recipe(sampler={"kind": "grid"}), tmp_path)._check_out_dir()
+    StudyRunner(recipe(sampler={"kind": "grid"}), tmp_path).open()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     other = recipe(sampler={"kind": "grid"}, space={"train.lr": [0.01]})
     with pytest.raises(RecipeError, match="different recipe.*space"):
-        StudyRunner(other, tmp_path)._check_out_dir()
+        StudyRunner(other, tmp_path).open()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing was changed
 
 
 # running -----------------------------------------------------------------------------------------------------
@@ -96,9 +101,10 @@ def test_grid_runs_every_cell_once_in_parallel_and_records_results(tmp_path):
     cells = sorted(json.dumps(t.params, sort_keys=True) for t in trials_of(runner))
     assert cells == sorted(json.dumps(c, sort_keys=True) for c in r.grid_cells())
     for t in trials_of(runner):
-        s = t.user_attrs["summary"]
-        assert s["status"] == "completed" and t.value == pytest.approx(s["final"]["val_bpb"])
-        assert s["peak_memory_mb"] > 0 and s["corpus_hash"] and s["evals"][-1]["step"] == 4
+        s = ledger.read_trial(t).summary
+        assert s.status == "completed" and t.value == pytest.approx(s.final["val_bpb"])
+        assert s.peak_memory_mib > 0 and s.memory_scope == "training steps" and s.memory_split["params"] > 0
+        assert s.corpus_hash and s.evals[-1]["step"] == 4 and s.d_model == t.params["model.d_model"]
         assert (tmp_path / "trials" / f"{t.number:04d}" / "summary.json").exists()
     # rerunning the finished study runs nothing more
     assert StudyRunner(r, tmp_path, progress=False).run()["complete"] == 4
@@ -148,7 +154,8 @@ def test_retry_failed_resumes_the_failed_trial_from_its_checkpoint(tmp_path, mon
     events = [json.loads(x) for x in (tmp_path / "trials" / f"{retry.number:04d}" / "metrics.jsonl").read_text()
               .splitlines()]
     assert [e["step"] for e in events if e["event"] == "eval"] == [2, 4, 6]  # steps 1-4 come from the checkpoint
-    assert retry.user_attrs["summary"]["steps"] == 6 and retry.user_attrs["summary"]["final"]["by"]["seq_len"]
+    summary = ledger.read_trial(retry).summary
+    assert summary.steps == 6 and summary.final["by"]["seq_len"]
     assert (tmp_path / "trials" / f"{failed.number:04d}" / "checkpoint.pt").exists()  # the failed trial's files stay
     again = StudyRunner(r, tmp_path, progress=False, retry_failed=True).run()  # retried once: nothing more
     assert again["complete"] == 2 and len(trials_of(runner)) == 3
@@ -172,7 +179,7 @@ def test_pruning_stops_a_hopeless_trial(tmp_path):
     by = {t.params["variant"]: t for t in trials_of(runner)}
     assert by["good"].state == TrialState.COMPLETE
     assert by["hopeless"].state == TrialState.PRUNED
-    assert by["hopeless"].user_attrs["summary"]["steps"] < 12
+    assert ledger.read_trial(by["hopeless"]).summary.steps < 12
 
 
 def test_multi_objective_with_a_constraint(tmp_path):
@@ -184,6 +191,26 @@ def test_multi_objective_with_a_constraint(tmp_path):
     assert len(done) == 2 and all(len(t.values) == 2 for t in done)
     assert all(t.system_attrs["constraints:params"] < 0 for t in done)
     assert runner.study.metric_names == ["val_bpb", "peak_memory_mb"]
+
+
+@pytest.mark.parametrize(("answer", "state", "status"), [
+    ("stop", "failed", "interrupted"), ("", "failed", "interrupted"), ("prune", "pruned", "pruned")])
+def test_a_trial_process_ends_as_its_coordinator_answers(tmp_path, answer, state, status):
+    """At its first evaluation the trial is told to stop (Ctrl-C), finds its coordinator gone (""), or is
+    pruned: an interruption is a failure to redo with an "interrupted" summary, never a pruned trial."""
+    config = recipe(sampler={"kind": "grid"}).config_for({})
+    process = TrialProcess(config, tmp_path / "t", Isolation(threads=1, timeout=120, ignore_sigint=True))
+    asked = []
+
+    def on_eval(step, metrics):
+        asked.append((step, sorted(metrics)))
+        return answer
+
+    outcome = process.run(on_eval, threading.Event())
+    assert asked == [(2, ["val_bpb", "val_loss", "val_ppl", "val_tokens"])]
+    assert outcome.state == state and outcome.summary.status == status and outcome.summary.steps == 2
+    assert outcome.redo == (state == "failed") and ("interrupted" in outcome.reason) == (state == "failed")
+    assert (tmp_path / "t" / "checkpoint.pt").exists()
 
 
 def _count_complete(db: Path) -> int:
@@ -205,7 +232,7 @@ def test_a_worker_that_finds_a_dead_workers_grid_trial_redoes_the_cell(tmp_path)
     r = recipe(sampler={"kind": "grid"}, space={"train.seed": [0, 1]})
     coordinator = StudyRunner(r, tmp_path, progress=False)
     coordinator.open(create=True)
-    coordinator._enqueue_grid()
+    coordinator.queue.enqueue_grid()
     orphan = coordinator.study.ask()  # a trial some worker took, then died
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -223,7 +250,7 @@ def _grid_runner(tmp_path, seeds=(0,), heartbeat=(60, 180)) -> StudyRunner:
     runner = StudyRunner(recipe(sampler={"kind": "grid"}, space={"train.seed": list(seeds)}), tmp_path,
                          progress=False, heartbeat=heartbeat, log=lambda msg: None)
     runner.open(create=True)
-    runner._enqueue_grid()
+    runner.queue.enqueue_grid()
     return runner
 
 
@@ -233,22 +260,22 @@ def test_losing_the_race_for_a_queued_grid_cell_never_samples_a_new_one(tmp_path
     a = _grid_runner(tmp_path)
     b = StudyRunner(a.recipe, tmp_path, progress=False, log=lambda msg: None)
     b.open(create=False)
-    assert a._claim() == b._claim() == "queued"
-    won = a._take("queued")
+    assert a.queue.next_action() == b.queue.next_action() == Action.TAKE
+    won = a.queue.take(Action.TAKE)
     assert won is not None and won.number == 0
-    assert b._take("queued") is None
-    assert len(trials_of(a)) == 1 and b._claim() is None  # b waits for a's trial; no new trial exists
+    assert b.queue.take(Action.TAKE) is None
+    assert len(trials_of(a)) == 1 and b.queue.next_action() == Action.WAIT  # b waits; no new trial exists
 
 
 def test_a_trial_whose_worker_died_as_it_took_it_is_redone(tmp_path):
     """Killed between taking the trial and recording itself (no worker, no heartbeat): once the grace period
     has passed, the trial is failed with that reason and its cell queued again."""
     runner = _grid_runner(tmp_path, heartbeat=(1, 2))
-    orphan = runner._take("queued")
-    runner._recover()
+    orphan = runner.queue.take(Action.TAKE)  # taken, but not yet marked: the worker died here
+    runner.queue.recover()
     assert trials_of(runner)[orphan.number].state == TrialState.RUNNING  # within the grace period: alive
     time.sleep(2.5)
-    runner._recover()
+    runner.queue.recover()
     trials = trials_of(runner)
     assert trials[orphan.number].state == TrialState.FAIL
     assert "no worker recorded" in trials[orphan.number].user_attrs["fail_reason"]
@@ -260,12 +287,11 @@ def test_a_stale_heartbeat_queues_a_clean_retry(tmp_path):
     """A worker on another machine stops beating: its trial is failed and queued again with the same
     parameters, without the dead trial's attributes (its worker would mark the retry dead too)."""
     runner = _grid_runner(tmp_path, heartbeat=(1, 2))
-    trial = runner._take("queued")
-    runner.study._storage.record_heartbeat(trial._trial_id)
-    trial.set_user_attr("worker", "another-machine:123")
+    trial = runner.queue.take(Action.TAKE)
+    ledger.mark_mine(runner.study, trial, "another-machine:123")
     trial.set_user_attr("config", {"x": 1})
     time.sleep(3.0)
-    runner._recover()
+    runner.queue.recover()
     trials = trials_of(runner)
     assert trials[trial.number].state == TrialState.FAIL
     (retry,) = [t for t in trials if t.state == TrialState.WAITING]
@@ -278,9 +304,9 @@ def test_a_trial_that_keeps_killing_its_worker_is_retried_at_most_max_retry_time
     runner = _grid_runner(tmp_path)
     queued = []
     for _ in range(4):
-        trial = runner._take("queued")
-        runner.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        queued.append(requeue_dead(runner.study, runner.study._storage.get_trial(trial._trial_id), max_retry=2))
+        trial = runner.queue.take(Action.TAKE)
+        assert ledger.fail_running(runner.study, trial.number, "its worker died")
+        queued.append(requeue_dead(runner.study, ledger.stored(runner.study, trial.number), max_retry=2))
         if not queued[-1]:
             break
     assert queued == [True, True, False]
@@ -288,21 +314,16 @@ def test_a_trial_that_keeps_killing_its_worker_is_retried_at_most_max_retry_time
 
 
 def test_a_result_for_a_trial_failed_elsewhere_is_not_told(tmp_path):
-    """A live worker whose trial was failed as stale (a long stall) keeps its hands off: no exception, the
-    trial stays failed, and its retry redoes it."""
-    logs = []
+    """A live worker whose trial was failed as stale (a long stall) keeps its hands off: storing its outcome
+    raises, the trial stays failed, and its retry redoes it."""
     runner = _grid_runner(tmp_path)
-    runner.log = logs.append
-    trial = runner._take("queued")
-
-    def run_while_another_worker_fails_it(trial, config, run_dir):
-        runner.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        return "complete", "", {"final": {"val_bpb": 1.0}}, True
-
-    runner._execute = run_while_another_worker_fails_it
-    runner._run_trial(trial)
-    assert trials_of(runner)[trial.number].state == TrialState.FAIL
-    assert "already finished by another worker" in logs[-1]
+    _, trial = runner.queue.claim()
+    assert ledger.fail_running(runner.study, trial.number, "its worker died")  # another worker's recovery
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        runner.store(trial, Outcome("complete", summary=TrialSummary(status="completed", final={"val_bpb": 1.0})))
+    (stored,) = trials_of(runner)
+    assert stored.state == TrialState.FAIL and stored.user_attrs["fail_reason"] == "its worker died"
+    assert ledger.read_trial(stored).summary is None  # nothing of the late result was written
 
 
 def test_sigkill_of_the_coordinator_then_resume_loses_and_repeats_nothing(tmp_path):

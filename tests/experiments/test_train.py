@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from archs.model import LanguageModel, ModelSpec
-from experiments.train import DataSpec, Pruned, RunError, TrainSpec, _param_groups, train
+from experiments.runs import TrialSummary
+from experiments.train import DataSpec, Pruned, RunError, StopTraining, TrainSpec, _param_groups, train
 
 MODEL = ModelSpec(d_model=16, n_layers=1, n_heads=2, mlp="none", positions="rope")
 TRAIN = TrainSpec(steps=8, batch_size=2, seq_len=16, eval_interval=4, eval_batches=1, warmup_steps=2,
@@ -21,24 +22,25 @@ def test_same_seed_same_curve_and_summary(tmp_path):
     a = train(MODEL, TRAIN, DataSpec(), tmp_path / "a", progress=False)
     b = train(MODEL, TRAIN, DataSpec(), tmp_path / "b", progress=False)
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    assert a["final"] == b["final"] and a["status"] == "completed" and a["steps"] == 8
+    assert a.final == b.final and a.status == "completed" and a.steps == 8
     train(MODEL, TrainSpec(**{**TRAIN.to_dict(), "seed": 1}), DataSpec(), tmp_path / "c", progress=False)
     assert losses(tmp_path / "c") != losses(tmp_path / "a")
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     for key in ("model", "train", "data", "final", "backends", "machine", "dataset", "wall_seconds"):
-        assert key in s
+        assert s[key] is not None, key
     assert s["dataset"]["corpus"]["content_hash"] and s["final"]["val_bpb"] > 0
     assert s["final"]["val_ppl"] == pytest.approx(math.exp(s["final"]["val_loss"]))
+    assert TrialSummary.from_json(s) == a  # summary.json is the summary train returned
 
 
 def test_resume_gives_the_same_result(tmp_path):
     straight = train(MODEL, TRAIN, DataSpec(), tmp_path / "straight", progress=False)
     stopped = train(MODEL, TRAIN, DataSpec(), tmp_path / "resumed", progress=False, stop_at=5)
-    assert stopped["status"] == "stopped" and stopped["steps"] == 5
+    assert stopped.status == "stopped" and stopped.steps == 5
     resumed = train(MODEL, TRAIN, DataSpec(), tmp_path / "resumed", progress=False)
-    assert resumed["status"] == "completed"
+    assert resumed.status == "completed"
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
-    assert resumed["final"] == straight["final"]
+    assert resumed.final == straight.final
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -51,7 +53,7 @@ def test_resume_accepts_specs_written_before_a_field_existed(tmp_path):
     spec = json.loads((tmp_path / "spec.json").read_text())
     del spec["train"]["target_accuracy"]
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    assert train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False)["steps"] == 8
+    assert train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False).steps == 8
     spec["train"]["lr"] = 1.0
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(RunError, match="different train specs"):
@@ -69,7 +71,7 @@ def test_a_directory_of_another_run_is_refused(tmp_path):
 def test_divergence_is_a_status_not_a_traceback(tmp_path):
     spec = TrainSpec(**{**TRAIN.to_dict(), "lr": 1e12, "grad_clip": 0.0, "warmup_steps": 0})
     s = train(MODEL, spec, DataSpec(), tmp_path, progress=False)
-    assert s["status"] == "diverged" and s["steps"] < 8
+    assert s.status == "diverged" and s.steps < 8
     assert any(json.loads(x)["event"] == "diverged" for x in (tmp_path / "metrics.jsonl").read_text().splitlines())
 
 
@@ -81,15 +83,15 @@ def test_eval_callback_can_prune(tmp_path):
         raise Pruned()
 
     s = train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False, on_eval=on_eval)
-    assert s["status"] == "pruned" and s["steps"] == 4 and seen[0][0] == 4
+    assert s.status == "pruned" and s.steps == 4 and seen[0][0] == 4
 
 
 def test_task_training_reports_accuracy(tmp_path):
     spec = TrainSpec(steps=2, batch_size=4, seq_len=32, eval_interval=2, eval_examples=4, warmup_steps=1)
     s = train(MODEL, spec, DataSpec(task="mqar", options={"vocab_size": 64, "num_kv_pairs": 2}), tmp_path,
               progress=False)
-    assert 0.0 <= s["final"]["accuracy"] <= 1.0 and "by" in s["final"]
-    assert s["model"]["vocab_size"] == 64  # taken from the task
+    assert 0.0 <= s.final["accuracy"] <= 1.0 and "by" in s.final
+    assert s.model["vocab_size"] == 64  # taken from the task
 
 
 def test_validation_happens_before_work(tmp_path):
@@ -127,32 +129,32 @@ def test_task_lengths_beyond_learned_positions_are_not_applicable(tmp_path):
     model = MODEL.replace(positions="learned", max_seq_len=16)
     s = train(model, spec, DataSpec(task="induction", options={"test_multipliers": [1, 2, 4]}), tmp_path,
               progress=False)
-    by = s["final"]["by"]["seq_len"]
+    by = s.final["by"]["seq_len"]
     assert by[16] is not None and by[32] is None and by[64] is None
-    assert "learned positions" in s["final"]["not_applicable"]
+    assert "learned positions" in s.final["not_applicable"]
 
 
 def test_target_accuracy_ends_a_task_run_once_reached(tmp_path, monkeypatch):
-    from experiments import train as train_module
+    from experiments.data.training import TaskData
 
     calls = []
 
-    def scripted(self, model, spec, device, final=True):  # accuracy 0.2, 0.6, 0.95, ... at the evals
+    def scripted(self, model, device, final=True):  # accuracy 0.2, 0.6, 0.95, ... at the evals
         calls.append(final)
         return {"accuracy": 1.0 if final else [0.2, 0.6, 0.95, 0.99][min(len(calls), 4) - 1], "by": {}}
 
-    monkeypatch.setattr(train_module._TaskData, "evaluate", scripted)
+    monkeypatch.setattr(TaskData, "evaluate", scripted)
     spec = TrainSpec(steps=40, batch_size=2, seq_len=16, eval_interval=5, warmup_steps=1, target_accuracy=0.9)
     data = DataSpec(task="mqar", options={"vocab_size": 32, "num_kv_pairs": 2})
     s = train(MODEL, spec, data, tmp_path, progress=False)
-    assert s["status"] == "completed" and s["steps"] == 15 and s["target_reached_step"] == 15
+    assert s.status == "completed" and s.steps == 15 and s.target_reached_step == 15
     assert calls == [False, False, False, True]  # the run ends with a full (final) evaluation
-    assert s["final"]["accuracy"] == 1.0 and s["evals"][-1]["target_reached"]
+    assert s.final["accuracy"] == 1.0 and s.evals[-1]["target_reached"]
     again = train(MODEL, spec, data, tmp_path, progress=False)  # rerun: resumes, nothing more to train
-    assert again["steps"] == 15 and again["target_reached_step"] == 15 and len(calls) == 4
+    assert again.steps == 15 and again.target_reached_step == 15 and len(calls) == 4
     no_target = train(MODEL, TrainSpec(**{**spec.to_dict(), "target_accuracy": None}), data, tmp_path / "b",
                       progress=False)
-    assert no_target["steps"] == 40 and no_target["target_reached_step"] is None
+    assert no_target.steps == 40 and no_target.target_reached_step is None
 
 
 def test_target_accuracy_needs_a_task(tmp_path):
@@ -161,3 +163,27 @@ def test_target_accuracy_needs_a_task(tmp_path):
     with pytest.raises(RunError, match="target_accuracy=0.9 needs a task"):
         train(MODEL, TrainSpec(**{**TRAIN.to_dict(), "target_accuracy": 0.9}), DataSpec(), tmp_path, progress=False)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes_exactly(tmp_path):
+    """Stopped at an evaluation (Ctrl-C, SIGTERM, a lost coordinator): status "interrupted", not "pruned";
+    the checkpoint of that evaluation lets the rerun finish on the uninterrupted curve."""
+    straight = train(MODEL, TRAIN, DataSpec(), tmp_path / "straight", progress=False)
+
+    def stop(step, metrics):
+        raise StopTraining("coordinator gone")
+
+    s = train(MODEL, TRAIN, DataSpec(), tmp_path / "run", progress=False, on_eval=stop)
+    assert s.status == "interrupted" and s.steps == 4
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
+    resumed = train(MODEL, TRAIN, DataSpec(), tmp_path / "run", progress=False)
+    assert resumed.status == "completed" and resumed.final == straight.final
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+
+
+def test_the_run_records_its_training_memory(tmp_path):
+    s = train(MODEL, TRAIN, DataSpec(), tmp_path, progress=False)
+    split = s.memory_split
+    assert s.memory_scope == "training steps" and s.peak_memory_mib > 0
+    assert split["params"] == split["grads"] == 4 * s.params and split["optimizer"] >= 2 * split["params"]
+    assert split["activations_saved"] > 0

@@ -1,0 +1,103 @@
+"""``mixerlab train`` and ``mixerlab generate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from experiments.cli.base import command, table
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override any field: model.d_model=256 train.lr=1e-3 data.options.num_kv_pairs=8")
+    p.add_argument("--config", type=str, help="TOML file with [model], [train] and [data] tables")
+    p.add_argument("--preset", help="a named model (classic-transformer, transformer, mamba, mamba2, jamba, "
+                                    "nvidia-hybrid, hybrid)")
+    p.add_argument("--mixer", help="every layer's mixer (a registered name or package.module:Class)")
+    p.add_argument("--pattern", help="hybrid pattern tiled over the layers, e.g. MMMA")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--corpus", help="train on a corpus: stdlib (default), textfile, hf")
+    data.add_argument("--task", help="train on a synthetic task: mqar, selective_copy, induction, passkey")
+    p.add_argument("--steps", type=int, help="optimiser steps (= train.steps=N)")
+    p.add_argument("--out", default=None, help="run directory (default runs/train-<model>-<data>); rerunning "
+                                               "into the same directory resumes from its checkpoint")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("train", "train one model on a corpus or task; writes metrics.jsonl, checkpoint.pt, summary.json")(
+    _configure_train)
+def _run_train(args: argparse.Namespace) -> int:
+    from experiments.config import apply_overrides, build_specs, load_toml
+    from experiments.train import train
+
+    config = load_toml(args.config) if args.config else {}
+    config.setdefault("model", {})
+    config.setdefault("data", {})
+    if args.preset:
+        config["model"]["preset"] = args.preset
+    if args.mixer:
+        config["model"]["mixer"] = args.mixer
+    if args.pattern:
+        config["model"]["pattern"] = args.pattern
+    if args.corpus:
+        config["data"] = {"corpus": args.corpus, **{k: v for k, v in config["data"].items() if k == "options"}}
+    if args.task:
+        config["data"] = {"task": args.task, **{k: v for k, v in config["data"].items() if k == "options"}}
+    if args.steps:
+        config.setdefault("train", {})["steps"] = args.steps
+    model, train_spec, data = build_specs(apply_overrides(config, args.overrides))
+    label = data.task or data.corpus
+    out = args.out or f"runs/train-{args.preset or model.layer_pattern.lower()}-{label}"
+    summary = train(model, train_spec, data, out, progress=not args.no_progress, threads=args.threads)
+    final = summary.final
+    rows = [["status", summary.status], ["steps", f"{summary.steps}/{summary.total_steps}"],
+            ["params", f"{summary.params:,}"], ["layers", model.layer_pattern]]
+    if "val_bpb" in final:
+        rows += [["val loss (nats/token)", f"{final['val_loss']:.4f}"],
+                 ["val bits per byte", f"{final['val_bpb']:.4f}"],
+                 ["unigram baseline (bits per byte)", f"{summary.unigram_bpb:.4f}"]]
+    if "accuracy" in final:
+        rows += [["test accuracy", f"{final['accuracy']:.4f}"]]
+        for attr, by in final.get("by", {}).items():
+            rows += [[f"  accuracy by {attr}", ", ".join(f"{k}: " + ("n/a" if v is None else f"{v:.3f}")
+                                                         for k, v in by.items())]]
+        if final.get("not_applicable"):
+            rows += [["  n/a", final["not_applicable"]]]
+    if summary.peak_memory_mib is not None:
+        rows += [["peak memory (training steps)", f"{summary.peak_memory_mib:,.1f} MiB"]]
+    rows += [["tokens/s (train)", f"{summary.tokens_per_s:,.0f}"], ["wall time", f"{summary.wall_seconds:.1f} s"],
+             ["backends", ", ".join(sorted({str(b) for b in summary.backends.values()}))], ["out", out]]
+    print(table(rows, ["", "value"]))
+    return 0 if summary.status in ("completed", "stopped") else 1
+
+
+# generate ---------------------------------------------------------------------------------------------------
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a training run directory (spec.json + checkpoint.pt)")
+    p.add_argument("--prompt", default="def ", help="text to continue (byte-level corpus runs)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("generate", "continue a prompt with a trained corpus model, decoding with the layers' caches")(
+    _configure_generate)
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from experiments.data import BYTE_TOKENIZER
+    from experiments.runs import load_run
+
+    model, specs = load_run(args.run)
+    if specs["data"].get("task"):
+        print(f"mixerlab generate: error: {args.run} was trained on task {specs['data']['task']!r}, not text",
+              file=sys.stderr)
+        return 2
+    ids = torch.tensor([list(BYTE_TOKENIZER.encode(args.prompt))], dtype=torch.long)
+    out = model.generate(ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                         generator=torch.Generator().manual_seed(args.seed))
+    print(BYTE_TOKENIZER.decode(out[0].tolist(), skip_specials=True))
+    return 0

@@ -1,0 +1,82 @@
+"""Synthetic-task figures: accuracy vs sequence length (extrapolation), and Zoology's Figure 2 layout,
+accuracy vs d_model with one panel per training length."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.report.families import family_sort_key
+from experiments.report.figures.base import Canvas, Context, figure, legend, length_axis, trial_label
+from experiments.report.records import num
+from experiments.report.tables import fmt_number
+
+
+@figure("accuracy_vs_len", 70)
+def accuracy_vs_len(ctx: Context, canvas: Canvas) -> str | None:
+    curves = []
+    for r in ctx.rows:
+        summary = ctx.record(r).summary
+        if r["status"] == "failed" or summary is None:
+            continue
+        by = (summary.final.get("by") or {}).get("seq_len") or {}
+        pts = [(float(k), float(v)) for k, v in by.items() if num(v) is not None]
+        if pts:
+            curves.append((r, sorted(pts)))
+    if not curves:
+        return "no task trial has accuracy by seq_len (summary.final.by.seq_len)"
+    fig, (ax,) = canvas.new()
+    per_trial = len(curves) <= 10
+    seen: set[str] = set()
+    train_lens = set()
+    for r, pts in curves:
+        fam = r["family"]
+        label = trial_label(r) if per_trial else (fam if fam not in seen else None)
+        seen.add(fam)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=canvas.colour(fam), marker=canvas.markers[fam], ms=5,
+                lw=canvas.width(r), ls="-" if r["status"] == "complete" else "--", label=label)
+        seq = (ctx.record(r).config.get("train") or {}).get("seq_len")
+        if seq:
+            train_lens.add(seq)
+    xs = sorted({p[0] for _, pts in curves for p in pts})
+    if len(xs) > 1 and xs[-1] / xs[0] >= 4:
+        length_axis(ax, xs)
+    else:
+        ax.set_xticks(xs, [fmt_number(int(x)) for x in xs])
+    for i, s in enumerate(sorted(train_lens)):
+        ax.axvline(s, color="grey", ls=":", lw=1, label="training length" if i == 0 else None)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("test accuracy (fraction correct)")
+    task = next((ctx.record(r).summary.task for r, _ in curves), None)
+    ax.set_title("Accuracy vs sequence length" + (f" — task {task}" if task else ""))
+    legend(ax)
+    canvas.save(fig, "accuracy_vs_len")
+    return None
+
+
+@figure("accuracy_vs_width", 80)
+def accuracy_vs_width(ctx: Context, canvas: Canvas) -> str | None:
+    """Test accuracy vs d_model, one panel per training length, a line per family (the best of a
+    learning-rate sweep per cell where the recipe has one)."""
+    done = [r for r in ctx.best if r["status"] == "complete" and r.get("accuracy") is not None and r.get("d_model")]
+    panels: dict[Any, list[dict[str, Any]]] = {}
+    for r in done:
+        panels.setdefault(r.get("seq_len"), []).append(r)
+    if not any(len({r["d_model"] for r in members}) > 1 for members in panels.values()):
+        return "no task trials at two or more d_model values"
+    keys = sorted(panels, key=lambda k: (k is None, k or 0))
+    fig, axes = canvas.new(ncols=len(keys), size=(7.5 if len(keys) == 1 else 4.2, 4.4))
+    for ax, key in zip(axes, keys, strict=True):
+        members = panels[key]
+        for fam in sorted({r["family"] for r in members}, key=family_sort_key):
+            pts = sorted((r["d_model"], r["accuracy"]) for r in members if r["family"] == fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=canvas.colour(fam), marker=canvas.markers[fam],
+                    ms=6, lw=1.8, label=fam)
+        length_axis(ax, [r["d_model"] for r in members])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("model dimension d_model")
+        ax.set_title(f"sequence length {fmt_number(key)}" if key else "accuracy vs d_model")
+    axes[0].set_ylabel("test accuracy (fraction correct)")
+    legend(axes[-1], loc="lower right")
+    canvas.save(fig, "accuracy_vs_width")
+    return None

@@ -1,0 +1,379 @@
+"""Recipes: a study written as TOML, validated into a `Recipe` before anything runs.
+
+A recipe (`experiments/recipes/*.toml` or any path) names the base run (``[base.model]``, ``[base.train]``,
+``[base.data]``), a search ``[space]`` over any field by dotted path, named ``[variants]`` (bundles of field
+values, e.g. ``attention`` vs ``mamba``) and further named axes of bundles (``[axes.length]`` with
+``T64 = {"train.seq_len" = 64, "data.options.num_kv_pairs" = 4}``), the objectives, constraints, sampler,
+pruner and budget, long-context ``[measure]``ments per trial, and per-scale overrides (``[scale.smoke]``,
+``[scale.cpu]``, ``[scale.gpu]``: deep-merged over the rest, except that a scale's ``variants``, ``space`` or
+``axes.X`` replaces that whole set of choices). Every grid cell or range corner is built into specs first.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiments.config import build_specs, set_path
+from experiments.errors import ConfigError, RecipeError
+from experiments.metrics import metric, metric_names
+from registry import check_fields, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["PRUNERS", "RECIPES_DIR", "SAMPLERS", "SCALES", "Param", "Recipe", "find_recipe", "recipe_names"]
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+SCALES = ("smoke", "cpu", "gpu")
+#: the recipe's tables and the keys each may hold (None: any, checked elsewhere)
+SECTIONS: dict[str, tuple[str, ...] | None] = {
+    "name": None, "description": None, "base": ("model", "train", "data"), "space": None, "variants": None,
+    "axes": None, "objectives": None, "constraints": None, "sampler": ("kind", "seed", "n_startup_trials"),
+    "pruner": ("kind", "n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor", "percentile"),
+    "budget": ("trials", "timeout_s"), "trial": ("timeout_s", "threads", "jobs"), "measure": None, "report": None,
+    "scale": SCALES,
+}
+MEASURES = {"memory": ("lengths", "mode", "batch", "of", "repeats"), "decode": ("contexts", "steps", "batch"),
+            "context": ("multipliers", "bins", "tokens", "examples")}
+
+
+def _unknown(kind: str, keys: Any, valid: Any) -> None:
+    check_fields(kind, keys, valid, RecipeError)
+
+
+def _tpe(s: dict[str, Any]) -> Any:
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=s.get("seed", 0), n_startup_trials=s.get("n_startup_trials", 10),
+                                      multivariate=True, constant_liar=True)
+
+
+def _random(s: dict[str, Any]) -> Any:  # a grid's cells are enqueued: its sampler fills nothing
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=s.get("seed", 0))
+
+
+def _nsga2(s: dict[str, Any]) -> Any:
+    import optuna
+
+    return optuna.samplers.NSGAIISampler(seed=s.get("seed", 0))
+
+
+def _median(p: dict[str, Any]) -> Any:
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=p.get("n_startup_trials", 3),
+                                       n_warmup_steps=p.get("n_warmup_steps", 0))
+
+
+def _percentile(p: dict[str, Any]) -> Any:
+    import optuna
+
+    return optuna.pruners.PercentilePruner(p.get("percentile", 25.0), n_startup_trials=p.get("n_startup_trials", 3),
+                                           n_warmup_steps=p.get("n_warmup_steps", 0))
+
+
+def _hyperband(p: dict[str, Any]) -> Any:
+    import optuna
+
+    return optuna.pruners.HyperbandPruner(min_resource=p.get("min_resource", 1),
+                                          reduction_factor=p.get("reduction_factor", 3))
+
+
+def _no_pruner(p: dict[str, Any]) -> Any:
+    import optuna
+
+    return optuna.pruners.NopPruner()
+
+
+#: sampler.kind -> factory(sampler table); pruner.kind -> factory(pruner table)
+SAMPLERS: dict[str, Callable[[dict[str, Any]], Any]] = {"grid": _random, "tpe": _tpe, "random": _random,
+                                                         "nsga2": _nsga2}
+PRUNERS: dict[str, Callable[[dict[str, Any]], Any]] = {"none": _no_pruner, "median": _median,
+                                                        "percentile": _percentile, "hyperband": _hyperband}
+
+
+def _choose(table: str, kind: str, choices: dict[str, Any]) -> None:
+    if kind not in choices:
+        raise RecipeError(f"{table}.kind={kind!r}{did_you_mean(kind, choices)}: valid: {', '.join(choices)}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search dimension over a dotted field path (``model.d_model``, ``train.lr``, ...)."""
+
+    path: str
+    choices: tuple[Any, ...] | None = None  # categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    integer: bool = False
+
+    @classmethod
+    def parse(cls, path: str, spec: Any) -> Param:
+        where = f"space.{path!r}"
+        if isinstance(spec, list):
+            if not spec:
+                raise RecipeError(f"{where}: an empty list of choices")
+            return cls(path, choices=tuple(spec))
+        if not isinstance(spec, dict):
+            return cls(path, choices=(spec,))
+        _unknown(where, spec, ("low", "high", "log", "step", "int"))
+        if "low" not in spec or "high" not in spec:
+            raise RecipeError(f"{where}: a range needs low and high, e.g. {{low = 1e-4, high = 1e-2, log = true}}")
+        low, high = spec["low"], spec["high"]
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
+            raise RecipeError(f"{where}: needs numbers low < high, got low={low!r}, high={high!r}")
+        integer = bool(spec.get("int", isinstance(low, int) and isinstance(high, int)))
+        if spec.get("log") and low <= 0:
+            raise RecipeError(f"{where}: a log range needs low > 0")
+        return cls(path, low=low, high=high, log=bool(spec.get("log", False)), step=spec.get("step"), integer=integer)
+
+    def suggest(self, trial: Any) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.path, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.path, self.low, self.high, log=self.log, step=self.step)
+
+    def corners(self) -> list[Any]:
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+def _scaled(raw: dict[str, Any], scale: str) -> dict[str, Any]:
+    """The recipe at ``scale``: the scale's table merged over the rest (its sets of choices replace)."""
+    if scale not in SCALES:
+        raise RecipeError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
+    scales = raw.get("scale", {})
+    _unknown("recipe [scale]", scales, SCALES)
+    _unknown(f"recipe [scale.{scale}]", scales.get(scale, {}), SECTIONS)
+    over = copy.deepcopy(scales.get(scale, {}))
+    doc = {k: v for k, v in raw.items() if k != "scale"}
+    for key in ("variants", "space"):
+        if key in over:
+            doc[key] = over.pop(key)
+    for axis, bundles in over.pop("axes", {}).items():
+        doc["axes"] = {**doc.get("axes", {}), axis: bundles}
+    return _merge(doc, over)
+
+
+def _axes(doc: dict[str, Any], space: tuple[Param, ...]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Named bundles of field values per axis, ``variant`` first."""
+    axes: dict[str, dict[str, dict[str, Any]]] = {}
+    for axis, bundles in {"variant": doc.get("variants", {}), **doc.get("axes", {})}.items():
+        if axis in {p.path for p in space}:
+            raise RecipeError(f"axis {axis!r} is also a [space] field; rename the axis")
+        for name, values in bundles.items():
+            if not isinstance(values, dict) or not values:
+                raise RecipeError(f"{axis}.{name}: give a table of field = value, e.g. {{\"model.mixer\" = \"mamba\"}}")
+        if bundles:
+            axes[str(axis)] = {str(k): dict(v) for k, v in bundles.items()}
+    return axes
+
+
+def _objectives(items: Any) -> tuple[tuple[str, str], ...]:
+    items = [items] if isinstance(items, str) else items
+    out = []
+    for item in items:
+        name, direction = (item, None) if isinstance(item, str) else (item.get("metric"), item.get("direction"))
+        _unknown("objectives", [name], metric_names())
+        direction = direction or metric(name).direction
+        if direction not in ("minimize", "maximize"):
+            raise RecipeError(f"objective {name}: direction must be minimize or maximize, got {direction!r}")
+        out.append((name, direction))
+    if not out:
+        raise RecipeError("objectives: give at least one, e.g. objectives = [\"val_bpb\"]")
+    return tuple(out)
+
+
+def _measure(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    measure = {k: dict(v) for k, v in doc.get("measure", {}).items()}
+    _unknown("measure", measure, MEASURES)
+    for kind, opts in measure.items():
+        _unknown(f"measure.{kind}", opts, MEASURES[kind])
+        if opts.get("of", "mixer") not in ("mixer", "model"):
+            raise RecipeError(f"measure.{kind}.of must be 'mixer' (the first layer's) or 'model'")
+    return measure
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated study recipe at one scale."""
+
+    name: str
+    scale: str
+    description: str
+    base: dict[str, Any]
+    space: tuple[Param, ...]
+    axes: dict[str, dict[str, dict[str, Any]]]  # axis -> bundle name -> {path: value}; "variant" first
+    objectives: tuple[tuple[str, str], ...]  # (metric, direction)
+    constraints: dict[str, float]  # metric -> maximum
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    trials: int | None
+    timeout_s: float | None
+    trial_timeout_s: float
+    threads: int | None
+    jobs: int = 1  # trial subprocesses in parallel when the command line does not say (--jobs)
+    measure: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @classmethod
+    def load(cls, name_or_path: str, scale: str = "cpu") -> Recipe:
+        """A recipe by name (``quickstart``) or path, at ``scale``."""
+        path = find_recipe(name_or_path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"{path} is not valid TOML: {exc}") from None
+        return cls.from_dict(raw, scale=scale, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], scale: str = "cpu", source: str = "") -> Recipe:
+        _unknown("recipe", raw, SECTIONS)
+        doc = _scaled(raw, scale)
+        for section, keys in SECTIONS.items():
+            if keys is not None and section != "scale":
+                _unknown(f"recipe [{section}]" if section == "base" else section, doc.get(section, {}), keys)
+        name = doc.get("name") or Path(source).stem
+        if not name:
+            raise RecipeError("recipe: give it a name (name = \"...\")")
+        space = tuple(Param.parse(p, s) for p, s in doc.get("space", {}).items())
+        constraints = {str(k): float(v) for k, v in doc.get("constraints", {}).items()}
+        _unknown("constraints", constraints, metric_names())
+        budget, trial = doc.get("budget", {}), doc.get("trial", {})
+        recipe = cls(name=name, scale=scale, description=doc.get("description", ""), base=doc.get("base", {}),
+                     space=space, axes=_axes(doc, space), objectives=_objectives(doc.get("objectives", ["val_bpb"])),
+                     constraints=constraints, sampler=dict(doc.get("sampler", {"kind": "tpe"})),
+                     pruner=dict(doc.get("pruner", {"kind": "none"})), trials=budget.get("trials"),
+                     timeout_s=budget.get("timeout_s"), trial_timeout_s=float(trial.get("timeout_s", 3600)),
+                     threads=trial.get("threads"), jobs=int(trial.get("jobs", 1)), measure=_measure(doc),
+                     report=dict(doc.get("report", {})), source=source)
+        recipe.validate()
+        return recipe
+
+    @property
+    def grid(self) -> bool:
+        return self.sampler.get("kind", "tpe") == "grid"
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def prunes(self) -> bool:
+        return not self.multi_objective and self.pruner.get("kind", "none") != "none"
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.name}-{self.scale}"
+
+    def validate(self) -> None:
+        _choose("sampler", self.sampler.get("kind", "tpe"), SAMPLERS)
+        _choose("pruner", self.pruner.get("kind", "none"), PRUNERS)
+        if self.multi_objective and self.pruner.get("kind", "none") != "none":
+            raise RecipeError("a multi-objective study cannot prune (Optuna raises on trial.report); optimise one "
+                              "objective and put memory or parameters under [constraints], or set pruner.kind='none'")
+        if self.grid:
+            ranges = [p.path for p in self.space if p.choices is None]
+            if ranges:
+                raise RecipeError(f"grid mode needs lists of values; {', '.join(ranges)} are ranges")
+        elif self.trials is None and self.timeout_s is None:
+            raise RecipeError("budget: a sampled study needs budget.trials and/or budget.timeout_s")
+        kind = None
+        for params in self.configs_to_validate():
+            try:
+                _, _, data = build_specs(self.config_for(params))
+            except ConfigError as exc:
+                raise RecipeError(f"recipe {self.name} ({_fmt(params)}): {exc}") from None
+            kind = data.kind
+        for name, _ in self.objectives:
+            needs = metric(name).kind
+            if needs in ("corpus", "task") and kind is not None and needs != kind:
+                use = "val_bpb" if kind == "corpus" else "accuracy"
+                raise RecipeError(f"objective {name} needs a {needs}; this recipe trains on a {kind} (use {use})")
+
+    def configs_to_validate(self) -> list[dict[str, Any]]:
+        if self.grid:
+            return self.grid_cells()
+        axes = [list(b) for b in self.axes.values()] + [p.corners() for p in self.space]
+        names = list(self.axes) + [p.path for p in self.space]
+        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*axes)][:64]
+
+    def grid_cells(self) -> list[dict[str, Any]]:
+        axes = [(a, list(b)) for a, b in self.axes.items()] + [(p.path, list(p.choices)) for p in self.space]
+        names = [a for a, _ in axes]
+        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
+
+    def config_for(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The ``{"model", "train", "data"}`` config of one trial's parameters."""
+        config = copy.deepcopy(self.base)
+        for axis, bundles in self.axes.items():
+            if axis in params:
+                if params[axis] not in bundles:
+                    raise RecipeError(f"unknown {axis} {params[axis]!r}; valid: {', '.join(bundles)}")
+                for path, value in bundles[params[axis]].items():
+                    set_path(config, path, value)
+        for path, value in params.items():
+            if path not in self.axes:
+                set_path(config, path, value)
+        return config
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        params = {axis: trial.suggest_categorical(axis, list(bundles)) for axis, bundles in self.axes.items()}
+        for p in self.space:
+            params[p.path] = p.suggest(trial)
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["space"] = [dataclasses.asdict(p) for p in self.space]
+        return json.loads(json.dumps(d))
+
+    def make_sampler(self) -> Any:
+        return SAMPLERS[self.sampler.get("kind", "tpe")](self.sampler)
+
+    def make_pruner(self) -> Any:
+        return PRUNERS[self.pruner.get("kind", "none")](self.pruner)
+
+
+def _fmt(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    names = recipe_names()
+    raise RecipeError(f"unknown recipe {name_or_path!r}{did_you_mean(name_or_path, names)}; recipes: "
+                      f"{', '.join(names)} (or give a .toml path)")
