@@ -396,10 +396,11 @@ def _bench_train(target: dict[str, Any], *, seq_len: int, batch: int, repeats: i
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
         x = _inputs(target, module, batch, t, device, dt, grad=False)
 
-        def step() -> None:
+        def step() -> None:  # as a training run's: forward, backward, clipping, AdamW
             loss = _loss(target, module, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             opt.step()
 
         return module, opt, step

@@ -176,12 +176,13 @@ def loss_vs_length(run_dir: str | Path, *, multipliers: Sequence[float] = (1, 2,
                    tokens: int = 32768, batch: int = 8, split: str = "val", device: str = "cpu") -> dict[str, Any]:
     """Loss of a trained corpus run vs evaluation length (``multipliers`` x its training length) and vs token
     position (``bins`` equal ranges of each length), on ``tokens`` tokens of ``split`` per length."""
+    from experiments.config import DataSpec
     from experiments.data import load_corpus
     from experiments.data.training import position_losses
 
     model, specs = load_run(run_dir, device)
     data = specs["data"]
-    if data.get("task"):
+    if DataSpec.from_dict(data).kind == "task":
         raise RunError(f"{run_dir} trained on task {data['task']!r}; use task_accuracy_vs_length")
     corpus = load_corpus(data["corpus"], **data.get("options", {}))
     train_len = specs["train"]["seq_len"]
@@ -246,8 +247,10 @@ def task_accuracy_vs_length(run_dir: str | Path, *, examples: int | None = None,
 
 def context_probe(run: str, **kwargs: Any) -> dict[str, Any]:
     """`loss_vs_length` for a corpus run, `task_accuracy_vs_length` for a task run (kwargs that apply)."""
+    from experiments.config import DataSpec
+
     specs = json.loads((Path(run) / "spec.json").read_text())
-    if specs["data"].get("task"):
+    if DataSpec.from_dict(specs["data"]).kind == "task":
         keep = {k: v for k, v in kwargs.items() if k in ("examples", "batch", "device")}
         return task_accuracy_vs_length(run, **keep)
     keep = {k: v for k, v in kwargs.items() if k in ("multipliers", "bins", "tokens", "batch", "split", "device")}

@@ -107,14 +107,18 @@ def check_run_dir(out: Path, specs: dict[str, Any], resume: bool) -> Path | None
 
 
 def _warm_up(model_spec: ModelSpec, spec: TrainSpec, data: CorpusData | TaskData, device: torch.device) -> None:
-    """One short training step of a throwaway copy of the model, before the memory baseline. The first
-    forward, backward and AdamW step of a process page in tens of MiB of library code and allocate lazy
-    workspaces (~160 MiB here, whatever the model); without this they would count as the model's memory."""
+    """One short training step (the run's batch, 32 tokens) of a throwaway copy of the model, before the
+    memory baseline. The first forward, backward, clipping and AdamW step of a process page in library code
+    and allocate lazy workspaces (~160 MiB here, whatever the model); without this they would count as the
+    model's memory. (A full-length warm-up would leave the allocator holding that step's freed memory, which
+    the baseline would then hide.)"""
     model = LanguageModel(model_spec).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    x, y = data.batch(1, _step_generator(spec.seed, 0))
+    x, y = data.batch(spec.batch_size, _step_generator(spec.seed, 0))
     n = min(32, x.shape[1])
     model.loss(x[:, :n].to(device), y[:, :n].to(device)).backward()
+    if spec.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
     opt.step()
 
 
@@ -197,7 +201,6 @@ class _Run:
         save_torch({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.done,
                     "rng": torch.get_rng_state(), "train_seconds": self.seconds(), "last_eval": self.last_eval,
                     "evals": self.evals}, self.out / "checkpoint.pt")
-
 
 
 def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out_dir: str | os.PathLike, *,

@@ -20,4 +20,4 @@ def test_example_recipe_validates(tmp_path):
     recipe = Recipe.load(str(path), "cpu")
     assert recipe.name == "my-hybrids" and not recipe.grid and recipe.trials == 20
     assert {p.path for p in recipe.space} == {"model.pattern", "model.n_layers", "model.d_model", "train.lr"}
-    assert recipe.constraints == {"peak_memory_mb": 2000.0} and recipe.jobs == 2
+    assert recipe.constraints == {"peak_memory_mib": 2000.0} and recipe.jobs == 2

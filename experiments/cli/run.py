@@ -88,11 +88,12 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from experiments.config import DataSpec
     from experiments.data import BYTE_TOKENIZER
     from experiments.runs import load_run
 
     model, specs = load_run(args.run)
-    if specs["data"].get("task"):
+    if DataSpec.from_dict(specs["data"]).kind == "task":
         print(f"mixerlab generate: error: {args.run} was trained on task {specs['data']['task']!r}, not text",
               file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ class TrialRecord:
 def read_trial(trial: Any) -> TrialRecord:
     """The `TrialRecord` of an Optuna FrozenTrial (any storage, any version of mixerlab that wrote it)."""
     attrs = trial.user_attrs
-    summary = attrs.get(SUMMARY)
+    summary = trial.user_attrs.get("summary")  # SUMMARY: the one place a stored summary is read
     return TrialRecord(
         number=trial.number, state=_STATES.get(trial.state.name, trial.state.name.lower()),
         params=dict(trial.params or trial.system_attrs.get("fixed_params", {})),
