@@ -97,16 +97,16 @@ def _mallopt(param: int, value: int) -> bool:
         return False
 
 
-def precise_allocator(on: bool) -> bool:
+def precise_allocator(on: bool, threshold: int = 128 * 1024) -> bool:
     """Make CPU RSS track live memory (``on``), or favour speed again (``off``); False if not glibc.
 
     glibc serves blocks below its mmap threshold from a heap that keeps freed memory (the threshold grows
     with the blocks freed, up to 32 MiB), so a peak of RSS then counts allocator slack too: tens of MiB
-    at mid sizes. ``on`` fixes the threshold (and the trim threshold) at 128 KiB, so every tensor of note
-    is its own mapping, returned to the system when freed; ``off`` sets them to 32 / 64 MiB (glibc's
-    dynamic ceiling), since page-faulting fresh mappings slows mid-sized work by up to ~2x.
+    at mid sizes. ``on`` fixes the threshold (and the trim threshold) at ``threshold`` (128 KiB), so every
+    tensor of note is its own mapping, returned to the system when freed; ``off`` sets them to 32 / 64 MiB
+    (glibc's dynamic ceiling), since page-faulting fresh mappings slows mid-sized work by up to ~2x.
     """
-    mmap, trim = (128 * 1024, 128 * 1024) if on else (32 * 2**20, 64 * 2**20)
+    mmap, trim = (threshold, threshold) if on else (32 * 2**20, 64 * 2**20)
     return _mallopt(_M_MMAP_THRESHOLD, mmap) and _mallopt(_M_TRIM_THRESHOLD, trim)
 
 
@@ -170,6 +170,9 @@ class StepPeak:
     """
 
     steps = 3  # training steps measured (fewer when an evaluation comes first)
+    #: the glibc mmap threshold while measuring: a small model's tensors are often below 128 KiB, and served
+    #: from a heap that may hold freed memory, its peak read 24-31 MiB in five runs at 128 KiB, 31-32 at 16 KiB
+    threshold = 16 * 1024
 
     def __init__(self, device: str = "cpu"):
         self.device = str(device)
@@ -183,11 +186,11 @@ class StepPeak:
             self._base = torch.cuda.memory_allocated()
             self.method = "cuda max_memory_allocated - baseline before the model"
         else:
-            self._precise = precise_allocator(True)
+            self._precise = precise_allocator(True, self.threshold)
             self._exact = _reset_hwm()
             self._base = rss_bytes()
             self.method = ("VmHWM" if self._exact else "ru_maxrss") + " - baseline before the model" + (
-                ", glibc mmap threshold 128 KiB" if self._precise else "")
+                f", glibc mmap threshold {self.threshold // 1024} KiB" if self._precise else "")
 
     def begin(self) -> None:
         gc.collect()
