@@ -222,7 +222,8 @@ class StepPeak:
 
 class SavedActivations:
     """Context manager: the bytes of the tensors autograd saves for backward inside it (a forward pass's
-    activations), each storage counted once, the module's parameters left out. ``bytes`` after exit."""
+    activations), each storage counted once, the module's parameters left out. ``bytes`` after exit. An
+    estimate: a saved tensor whose part of the graph is dropped during the pass is freed before the peak."""
 
     def __init__(self, module: Any):
         self.bytes = 0
