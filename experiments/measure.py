@@ -278,17 +278,23 @@ def time_and_peak(fn: Callable[[], Any], *, repeats: int = 3, warmup: Callable[[
         sync()
     fn()
     sync()
+    times = _times(fn, repeats, sync)
+    out = {"time_s": statistics.median(times), "times_s": times, "peak_bytes": pm.peak_bytes,
+           "baseline_bytes": pm.baseline_bytes, "memory_method": pm.method}
+    if hasattr(pm, "reserved_bytes"):
+        out["reserved_bytes"] = pm.reserved_bytes
+    return out
+
+
+def _times(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` (synchronised on CUDA)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    out = {"time_s": statistics.median(times), "times_s": times, "peak_bytes": pm.peak_bytes,
-           "baseline_bytes": pm.baseline_bytes, "memory_method": pm.method}
-    if hasattr(pm, "reserved_bytes"):
-        out["reserved_bytes"] = pm.reserved_bytes
-    return out
+    return times
 
 
 def _sync(device: str) -> Callable[[], None]:
@@ -421,12 +427,7 @@ def _bench_train(target: dict[str, Any], *, seq_len: int, batch: int, repeats: i
         step()
     sync()
     peak.end()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = _times(step, repeats, sync)
     return {"time_s": statistics.median(times), "times_s": times, "peak_bytes": peak.peak_bytes,
             "memory_method": peak.method, "memory_split": memory_split(module, opt, saved.bytes)}, module
 
