@@ -21,6 +21,8 @@ import importlib
 import importlib.metadata
 import inspect
 import threading
+import types
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -36,6 +38,8 @@ __all__ = [
     "Registry",
     "RegistryError",
     "check_fields",
+    "check_types",
+    "check_values",
     "did_you_mean",
     "register_mixer",
 ]
@@ -93,6 +97,91 @@ def check_fields(kind: str, keys: Any, valid: Any, error: type[Exception] = Valu
     for key in keys:
         if key not in valid:
             raise error(f"{kind} has no field {key!r}{did_you_mean(key, valid)}; fields: {', '.join(valid)}")
+
+
+def _describe(hint: Any) -> str:
+    """``int | None`` → ``an integer or None``: a type as an error message says it."""
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "None",
+             dict: "a table", list: "a list", tuple: "a list", Any: "anything"}
+    parts = []
+    for a in (typing.get_args(hint) if _is_union(hint) else [hint]):
+        origin, args = typing.get_origin(a) or a, typing.get_args(a)
+        text = names.get(origin, getattr(origin, "__name__", str(origin)))
+        if origin in (list, tuple) and args and args[0] is not Ellipsis:
+            text += f" ({_describe(args[0])} each)"
+        parts.append(text)
+    return " or ".join(parts)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Whether ``value`` has type ``hint``, and the value to keep (an int given for a float becomes a float;
+    a list given for a tuple becomes a tuple)."""
+    if hint is Any:
+        return True, value
+    if _is_union(hint):
+        for arg in typing.get_args(hint):
+            ok, out = _conform(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    origin = typing.get_origin(hint) or hint
+    if origin is type(None):
+        return value is None, value
+    if origin is bool:
+        return isinstance(value, bool), value
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if origin is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = typing.get_args(hint)
+        item = args[0] if args and (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else None
+        if item is not None:
+            checked = [_conform(v, item) for v in value]
+            if not all(ok for ok, _ in checked):
+                return False, value
+            value = [v for _, v in checked]
+        return True, tuple(value) if origin is tuple else list(value)
+    if origin is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, origin) if isinstance(origin, type) else True, value
+
+
+def check_values(owner: str, cls: type, values: dict[str, Any], error: type[Exception] = ValueError) -> dict[str, Any]:
+    """``values`` for the fields of dataclass ``cls``, each checked against its declared type before ``cls``
+    is built (so its own checks never compare text with numbers): raise ``error`` naming ``owner.field``, the
+    value and the type it needs; return them with ints for floats made floats and lists for tuples tuples.
+    Names that are not fields are left for the caller to refuse."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        if name in hints:
+            ok, kept = _conform(value, hints[name])
+            if not ok:
+                raise error(f"{owner}.{name}={value!r}: must be {_describe(hints[name])}")
+            out[name] = kept
+    return out
+
+
+def check_types(owner: str, obj: Any, error: type[Exception] = ValueError) -> None:
+    """Check every field of the dataclass instance ``obj`` against its declared type, in place: raise
+    ``error`` naming ``owner.field``, the value and the type it needs for the first that does not match
+    (text in a number field, a number in a flag, ...); ints given for floats are stored as floats."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        ok, kept = _conform(value, hints.get(f.name, Any))
+        if not ok:
+            raise error(f"{owner}.{f.name}={value!r}: must be {_describe(hints[f.name])}")
+        if kept is not value:
+            object.__setattr__(obj, f.name, kept)
 
 
 def _first_doc_line(obj: Any) -> str:
@@ -348,6 +437,7 @@ class MixerRegistry(Registry[type]):
             raise RegistryError(f"mixer {name!r} needs option(s) {', '.join(missing)}")
         opts_cls = getattr(cls, "Options", None)
         if opts_cls is not None:
+            check_values(f"mixer {name!r} option", opts_cls, options, RegistryError)
             try:
                 opts_cls(**options)  # the dataclass checks values in __post_init__
             except (TypeError, ValueError) as exc:

@@ -28,13 +28,20 @@ from archs.mlp import MLPS
 from archs.norms import NORMS, make_norm
 from archs.pattern import LayerSpec, PatternError, pattern_of, ratio_placement, resolve_legend, tile_pattern
 from archs.positions import POSITIONS, LearnedPositions
-from registry import MIXERS, MixerlabError, check_fields
+from registry import MIXERS, MixerlabError, check_fields, check_types
 
 __all__ = ["PRESETS", "LanguageModel", "ModelCache", "ModelSpec", "SpecError"]
 
 
 class SpecError(MixerlabError, ValueError):
     """An invalid model spec; the message names the field and the fix."""
+
+
+def layers_text(pattern: str, mixers: list[str]) -> str:
+    """``pattern`` unless a layer has no legend letter (``?``); then the layers' mixer names."""
+    if "?" not in pattern or not mixers:
+        return pattern
+    return f"{len(mixers)} × {mixers[0]}" if len(set(mixers)) == 1 else ", ".join(mixers)
 
 
 def _canon(obj: Any) -> Any:
@@ -68,6 +75,7 @@ class ModelSpec:
     bias: bool = False  # biases in MLPs and LayerNorms
 
     def __post_init__(self) -> None:
+        check_types("ModelSpec", self, SpecError)
         object.__setattr__(self, "mixer_options", _canon(self.mixer_options))
         object.__setattr__(self, "legend", _canon(self.legend))
         if self.layers is not None:
@@ -153,6 +161,22 @@ class ModelSpec:
     def layer_pattern(self) -> str:
         """The layers as a pattern string over the legend (e.g. ``"MMMAMMMA"``)."""
         return pattern_of(list(self.resolved_layers), self.legend)
+
+    @property
+    def layers_text(self) -> str:
+        """The layers for a reader: the pattern (``MMMA``), or where a layer's mixer has no legend letter (a
+        plugin) their names (``2 × toymix``; ``toymix, attention``)."""
+        return layers_text(self.layer_pattern, [layer.mixer for layer in self.resolved_layers])
+
+    def check_builds(self) -> int:
+        """Build the model once on the meta device (no memory, no data), so that a constraint between fields
+        that only a mixer checks (heads dividing width, a window against a length, ...) fails now, as a
+        `SpecError` naming the layer; return the parameter count (tied weights once)."""
+        import torch
+
+        with torch.device("meta"):
+            model = LanguageModel(self)
+        return model.num_params()
 
     @property
     def length_limit(self) -> int | None:
@@ -243,7 +267,14 @@ class LanguageModel(nn.Module):
         self.drop = nn.Dropout(spec.dropout)
         blocks = []
         for i, layer in enumerate(spec.resolved_layers):
-            mixer = MIXERS.create(layer.mixer, d_model=d, layer_idx=i, **layer.options)
+            try:
+                mixer = MIXERS.create(layer.mixer, d_model=d, layer_idx=i, **layer.options)
+            except MixerlabError:
+                raise
+            except Exception as exc:  # a constraint between fields only the mixer knows (heads dividing width)
+                raise SpecError(f"layer {i} ({layer.mixer}, d_model={d}"
+                                + "".join(f", {k}={v!r}" for k, v in layer.options.items())
+                                + f") does not build: {exc}") from exc
             if not isinstance(mixer, Mixer):
                 raise TypeError(f"mixer {layer.mixer!r} built a {type(mixer).__name__}, not an "
                                 f"archs.mixers.Mixer subclass; subclass Mixer (implement __init__ and forward)")
@@ -363,5 +394,10 @@ class LanguageModel(nn.Module):
         return total
 
     def backends(self) -> dict[str, str | None]:
-        """The backend each layer's mixer last ran on (record this with results)."""
-        return {f"{i}:{b.mixer.mixer_name}": b.mixer.backend for i, b in enumerate(self.blocks)}
+        """The backend each layer's mixer last ran on (record this with results). A mixer that never records
+        one (a minimal plugin: ``__init__`` and ``forward``) and has one backend ran on that one (``torch``)."""
+        out = {}
+        for i, b in enumerate(self.blocks):
+            ran, live = b.mixer.backend, [k for k, ok in b.mixer.available_backends().items() if ok == "yes"]
+            out[f"{i}:{b.mixer.mixer_name}"] = ran if ran is not None or len(live) != 1 else live[0]
+        return out

@@ -39,14 +39,17 @@ PREFIX = "@@mixerlab@@ "
 @dataclass(frozen=True)
 class Isolation:
     """How a child process runs: torch threads (None: torch's default), a wall-clock limit in seconds
-    (None: none), the device and dtype its measurements use, and whether it ignores Ctrl-C (a trial's
-    coordinator handles Ctrl-C and stops its children itself)."""
+    (None: none), the device and dtype its measurements use, whether it ignores Ctrl-C (a trial's
+    coordinator handles Ctrl-C and stops its children itself), and the signal it gets if its parent dies, so
+    that no child outlives a killed coordinator."""
 
     threads: int | None = None
     timeout: float | None = None
     device: str = "cpu"
     dtype: str = "float32"
     ignore_sigint: bool = False
+    on_parent_death: str = "SIGKILL"  # the signal the child gets when its parent dies (Linux); a trial takes
+    # SIGTERM, which it answers with a checkpoint of its current step
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -74,7 +77,8 @@ class ChildProcess:
         self.isolation = isolation
         self._own_stderr = stderr is None
         self.stderr = stderr if stderr is not None else tempfile.TemporaryFile("w+")  # noqa: SIM115 — closed by close()
-        job = {"call": call, "kwargs": kwargs or {}, "isolation": asdict(isolation), "channel": channel}
+        job = {"call": call, "kwargs": kwargs or {}, "isolation": asdict(isolation), "channel": channel,
+               "parent": os.getpid()}
         self.proc = subprocess.Popen([sys.executable, "-m", "experiments.child"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1,
                                      env=isolation.env())
@@ -197,9 +201,37 @@ class Channel:
         return self._in.readline().strip()
 
 
+def _die_with_parent(sig: str, parent: int | None) -> None:
+    """Have this process get ``sig`` once when its parent goes (Linux ``PR_SET_PDEATHSIG``); if the parent
+    is already gone, exit. The kernel sends the parent-death signal again each time the process is
+    re-parented (to another thread of the dying parent, to a subreaper), so a catchable ``sig`` arrives
+    through SIGUSR1, passed on once: a trial checkpoints once and then finishes, not dies mid-write."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the trial's pipe to its parent breaks at its next report
+        return
+    if sig == "SIGKILL":
+        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+    else:
+        passed: list[bool] = []
+
+        def once(signum: int, frame: Any) -> None:
+            if not passed:
+                passed.append(True)
+                os.kill(os.getpid(), signal.Signals[sig])
+
+        signal.signal(signal.SIGUSR1, once)
+        prctl(1, int(signal.SIGUSR1))
+    if parent is not None and os.getppid() != parent:
+        raise SystemExit(1)
+
+
 def _main() -> None:
     job = json.loads(sys.stdin.readline())
     isolation = Isolation(**job["isolation"])
+    _die_with_parent(isolation.on_parent_death, job.get("parent"))
     if isolation.ignore_sigint:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = Channel()
@@ -215,11 +247,21 @@ def _main() -> None:
         kwargs = dict(job["kwargs"], **({"channel": channel} if job.get("channel") else {}))
         result = fn(**kwargs)
     except Exception as exc:  # to the parent, which raises it as a MeasureError or fails the trial with it
-        channel.emit({"kind": "error", "type": type(exc).__name__, "message": str(exc),
-                      "traceback": traceback.format_exc()})
         traceback.print_exc()
+        _tell_or_leave(channel, {"kind": "error", "type": type(exc).__name__, "message": str(exc),
+                                 "traceback": traceback.format_exc()})
         raise SystemExit(1) from None
-    channel.send("result", result)
+    _tell_or_leave(channel, {"kind": "result", "data": result})
+
+
+def _tell_or_leave(channel: Channel, message: dict[str, Any]) -> None:
+    """Send the last message; when the parent is gone (a killed coordinator), leave at once: what the work
+    produced is on disk already, and there is no one to tell."""
+    try:
+        channel.emit(message)
+    except (BrokenPipeError, OSError):
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 from archs.model import ModelSpec, SpecError
 from experiments.errors import ConfigError, RunError, UsageError
-from registry import check_fields
+from registry import check_fields, check_types
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,6 +73,8 @@ class TrainSpec:
     log_interval: int = 10
 
     def __post_init__(self) -> None:
+        check_types("TrainSpec", self, RunError)
+
         def need(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 raise RunError(f"TrainSpec.{name}={getattr(self, name)!r}: {msg}")
@@ -81,11 +83,15 @@ class TrainSpec:
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
         need(self.tokens is None or (isinstance(self.tokens, int) and self.tokens > 0), "tokens",
              "must be a positive int or None")
-        need(self.lr > 0, "lr", "must be positive")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive number, e.g. 3e-3")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, name, "must be in [0, 1) (AdamW's moment decay, e.g. 0.9)")
+        need(0 <= self.seed < 2**63, "seed", "must be an integer in [0, 2^63)")
+        need(self.eval_examples is None or self.eval_examples > 0, "eval_examples", "must be positive or None")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
@@ -125,6 +131,7 @@ class DataSpec:
     options: dict[str, Any] = field(default_factory=dict)  # the corpus's or the task's options
 
     def __post_init__(self) -> None:
+        check_types("DataSpec", self, RunError)
         if self.task is not None and self.corpus is not None and self.corpus != "stdlib":
             raise RunError(f"DataSpec: give a corpus or a task, not both (corpus={self.corpus!r}, "
                            f"task={self.task!r})")
@@ -225,6 +232,7 @@ def build_specs(config: dict[str, Any]) -> tuple[ModelSpec, TrainSpec, DataSpec]
     try:
         preset = model_cfg.pop("preset", None)
         model = ModelSpec.from_preset(preset, **model_cfg) if preset else ModelSpec.from_dict(model_cfg)
+        model.check_builds()
     except TypeError as exc:
         raise ConfigError(f"[model]: {exc}") from None
     except (SpecError, KeyError, ValueError) as exc:

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +37,8 @@ from experiments.measure import SavedActivations, StepPeak, memory_split
 from experiments.runs import SCOPE_STEPS, TrialSummary, machine_info, save_torch, write_json
 
 __all__ = ["DataSpec", "Pruned", "RunError", "StopTraining", "TrainSpec", "build_data", "train"]
+
+logger = logging.getLogger(__name__)
 
 
 class StopTraining(Exception):  # noqa: N818 — a signal from an eval callback, not an error
@@ -104,6 +109,33 @@ def check_run_dir(out: Path, specs: dict[str, Any], resume: bool) -> Path | None
             raise RunError(f"{out} already holds a run; pass resume=True (CLI: default) to continue it or pick "
                            f"another directory")
     return None
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(model_spec: ModelSpec, params: int, spec: TrainSpec, seq_len: int, device: torch.device) -> None:
+    """Refuse, before anything is written, a run that cannot fit this machine: a lower bound of its memory
+    (parameters, gradients and two AdamW moments in fp32, and one fp32 activation of the model's width per
+    token per layer for backward) above what the device has free."""
+    need = 16 * params + 4 * spec.batch_size * seq_len * model_spec.d_model * model_spec.n_layers
+    have = _available_bytes(device)
+    if have is not None and need > have:
+        raise RunError(f"this run needs at least {need / 2**30:.1f} GiB ({params:,} parameters with their "
+                       f"gradients and AdamW state, and activations for batch_size={spec.batch_size} x "
+                       f"seq_len={seq_len}), but {device} has {have / 2**30:.1f} GiB free; make the model "
+                       f"(d_model, n_layers) or the batch (train.batch_size, train.seq_len) smaller")
 
 
 def _warm_up(model_spec: ModelSpec, spec: TrainSpec, data: CorpusData | TaskData, device: torch.device) -> None:
@@ -228,20 +260,68 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
     if limit is not None and data.seq_len > limit:
         raise RunError(f"training sequences of {data.seq_len} tokens exceed the model's learned positions "
                        f"(max_seq_len={limit}); raise ModelSpec.max_seq_len or shorten seq_len")
+    _check_memory(model_spec, model_spec.check_builds(), train_spec, data.seq_len, device)
     specs = {"model": model_spec.to_dict(), "train": train_spec.to_dict(), "data": data_spec.to_dict()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = check_run_dir(out, specs, resume)
+    finished = _finished(out) if ckpt is not None else None
+    if finished is not None:
+        logger.warning("%s holds this run, finished (%s at step %d); nothing was changed — use another --out "
+                       "to train it again", out, finished.status, finished.steps)
+        return finished
     write_json(out / "spec.json", specs)
     run = _Run(model_spec, train_spec, data, out, device, ckpt)
-    status = _loop(run, on_eval, stop_at, progress)
+    with _Interrupts() as interrupts:
+        status = _loop(run, on_eval, stop_at, progress, interrupts)
     summary = _summary(run, status, model_spec, specs, t_start)
     write_json(out / "summary.json", summary.to_json())
     return summary
 
 
+def _finished(out: Path) -> TrialSummary | None:
+    """The recorded summary of a run that has nothing left to do (completed, or diverged: it would diverge
+    again at the same step), or None."""
+    path = out / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        summary = TrialSummary.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        return None
+    return summary if summary.status in ("completed", "diverged") else None
+
+
+class _Interrupts:
+    """While inside, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, or the coordinator of a study
+    trial going away) ask the run to stop after the current step, with a checkpoint of it; a second Ctrl-C
+    stops at once (a repeated SIGTERM does not: the kernel may send the parent-death signal more than once).
+    Signals whose handler is not the default (a trial ignores SIGINT: its coordinator handles Ctrl-C) are
+    left alone, and outside the main thread nothing changes."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = self.requested or signal.Signals(signum).name
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def _loop(run: _Run, on_eval: Callable[[int, dict[str, Any]], None] | None, stop_at: int | None,
-          progress: bool) -> str:
+          progress: bool, interrupts: _Interrupts) -> str:
     """The training steps from the run's start to its end; returns the status."""
     spec, total = run.spec, run.spec.total_steps
     tokens_per_step = spec.batch_size * run.data.seq_len
@@ -253,8 +333,9 @@ def _loop(run: _Run, on_eval: Callable[[int, dict[str, Any]], None] | None, stop
         for step in range(run.start, total):
             if target_step is not None:
                 break
-            if stop_at is not None and step >= stop_at:
-                status = "stopped"
+            if interrupts.requested or (stop_at is not None and step >= stop_at):
+                status = "interrupted" if interrupts.requested else "stopped"
+                run.end_memory()
                 run.save()
                 break
             loss = run.step(step)

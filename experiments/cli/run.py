@@ -53,7 +53,7 @@ def _run_train(args: argparse.Namespace) -> int:
     summary = train(model, train_spec, data, out, progress=not args.no_progress, threads=args.threads)
     final = summary.final
     rows = [["status", summary.status], ["steps", f"{summary.steps}/{summary.total_steps}"],
-            ["params", f"{summary.params:,}"], ["layers", model.layer_pattern]]
+            ["params", f"{summary.params:,}"], ["layers", model.layers_text]]
     if "val_bpb" in final:
         rows += [["val loss (nats/token)", f"{final['val_loss']:.4f}"],
                  ["val bits per byte", f"{final['val_bpb']:.4f}"],
@@ -70,6 +70,10 @@ def _run_train(args: argparse.Namespace) -> int:
     rows += [["tokens/s (train)", f"{summary.tokens_per_s:,.0f}"], ["wall time", f"{summary.wall_seconds:.1f} s"],
              ["backends", ", ".join(sorted({str(b) for b in summary.backends.values()}))], ["out", out]]
     print(table(rows, ["", "value"]))
+    if summary.status == "interrupted":
+        print(f"interrupted at step {summary.steps} (checkpoint written); rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0 if summary.status in ("completed", "stopped") else 1
 
 

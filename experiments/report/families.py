@@ -11,11 +11,12 @@ import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from archs.model import layers_text as archs_layers_text
 from archs.pattern import tile_pattern
 from experiments.study.ledger import TrialRecord, read_trial
 
 __all__ = ["FAMILY_COLOURS", "FamilyOf", "default_family", "family_colour", "family_colours", "family_sort_key",
-           "layer_pattern"]
+           "layer_pattern", "layers_text"]
 
 #: fixed colours of the known mixer families (aliases map to the same colour)
 FAMILY_COLOURS: dict[str, str] = {
@@ -131,6 +132,17 @@ def layer_pattern(record: TrialRecord) -> str | None:
     return pattern
 
 
+def _mixers(record: TrialRecord) -> list[str]:
+    layers = ((record.summary.model if record.summary else None) or {}).get("resolved_layers") or []
+    return [layer.get("mixer", "?") for layer in layers if isinstance(layer, dict)]
+
+
+def layers_text(record: TrialRecord) -> str | None:
+    """The table's "layers": the pattern, or the mixers' names where a layer has no legend letter."""
+    pattern = layer_pattern(record)
+    return archs_layers_text(pattern, _mixers(record)) if pattern else pattern
+
+
 def default_family(trial: Any) -> str:
     """A trial's family (a `TrialRecord` or an Optuna trial): its ``variant`` parameter when the recipe has
     variants, else from its layer pattern (all ``A`` → attention, all ``M`` → mamba, all ``S`` → mamba2, all
@@ -140,6 +152,9 @@ def default_family(trial: Any) -> str:
     if "variant" in record.params:
         return str(record.params["variant"])
     pattern = layer_pattern(record)
+    mixers = _mixers(record)
+    if pattern and "?" in pattern and mixers:  # a plugin without a legend letter: its name
+        return mixers[0] if len(set(mixers)) == 1 else "hybrid " + "+".join(dict.fromkeys(mixers))
     if pattern:
         if len(set(pattern)) == 1:
             return _PATTERN_FAMILIES.get(pattern[0], pattern[0])

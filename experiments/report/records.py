@@ -14,7 +14,7 @@ from typing import Any
 
 from experiments.fits import fit_power_law
 from experiments.metrics import ALIASES, METRICS
-from experiments.report.families import FamilyOf, default_family, family_sort_key, layer_pattern
+from experiments.report.families import FamilyOf, default_family, family_sort_key, layer_pattern, layers_text
 from experiments.study.ledger import TrialRecord, read_trials
 
 __all__ = ["best_of_sweep", "decode_rows", "loss_len_rows", "memory_rows", "metric_names", "num",
@@ -99,7 +99,7 @@ def trial_row(record: TrialRecord, family: str) -> dict[str, Any]:
     pattern = layer_pattern(record)
     status, reason = _status(record)
     row: dict[str, Any] = {
-        "trial": record.number, "family": family, "pattern": pattern,
+        "trial": record.number, "family": family, "pattern": layers_text(record),
         "n_layers": s.n_layers or record.params.get("model.n_layers") or model.get("n_layers")
         or (len(pattern) if pattern else None),
         "d_model": s.d_model or record.params.get("model.d_model") or model.get("d_model"),

@@ -215,7 +215,8 @@ class StudyRunner:
         trial.set_user_attr(ledger.CONFIG, config)
         run_dir = self.out / "trials" / f"{trial.number:04d}"
         self._resume_files(trial, config, run_dir)
-        isolation = Isolation(threads=self.recipe.threads, timeout=self.recipe.trial_timeout_s, ignore_sigint=True)
+        isolation = Isolation(threads=self.recipe.threads, timeout=self.recipe.trial_timeout_s, ignore_sigint=True,
+                              on_parent_death="SIGTERM")
         process = TrialProcess(config, run_dir, isolation, self.recipe.measure)
         objective, taken = self.recipe.objectives[0][0], threading.Event()
 

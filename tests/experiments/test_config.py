@@ -67,3 +67,50 @@ def test_cli_train_reports_lengths_a_learned_model_cannot_run(tmp_path, capsys):
                  "train.warmup_steps=1", "train.eval_interval=2", "data.options.test_multipliers=[1, 2]"])
     text = capsys.readouterr().out
     assert code == 0 and "32: n/a" in text and "learned positions" in text
+
+
+def test_ctrl_c_during_train_checkpoints_the_step_and_the_rerun_resumes_there(tmp_path):
+    """SIGINT at step 40 of 120 (checkpoints every 100): the run saves step 40 and exits 130; the same command
+    resumes at step 40 and ends where an uninterrupted run ends, to the last bit of the loss."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cmd(out):
+        return [sys.executable, "-m", "experiments", "train", "--mixer", "attention", "--steps", "120", "--out",
+                str(out), "--no-progress", "model.d_model=16", "model.n_layers=1", "model.n_heads=2",
+                "train.batch_size=2", "train.seq_len=16", "train.eval_batches=1", "train.warmup_steps=1",
+                "train.log_interval=1", "train.eval_interval=100", "--threads", "1"]
+
+    def steps(out):
+        path = out / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    straight = tmp_path / "straight"
+    subprocess.run(cmd(straight), check=True, capture_output=True, timeout=300)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["step"] >= 40 for e in steps(out)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rerun the same command to resume" in err, err
+    import torch
+
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 40 <= saved < 100 and saved == max(e["step"] for e in steps(out))  # the step it was on
+    again = subprocess.run(cmd(out), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    loss = {e["step"]: e["loss"] for e in steps(out) if e["event"] == "train"}
+    want = {e["step"]: e["loss"] for e in steps(straight) if e["event"] == "train"}
+    assert loss == want and sorted(loss) == list(range(1, 121))
+    final = [e for e in steps(out) if e["event"] == "eval"][-1]
+    assert final == [e for e in steps(straight) if e["event"] == "eval"][-1]
+    # a finished run rerun: reported, nothing changed
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    third = subprocess.run(cmd(out), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "nothing was changed" in third.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -361,6 +361,75 @@ def test_sigkill_of_the_coordinator_then_resume_loses_and_repeats_nothing(tmp_pa
             assert "died" in t.user_attrs["fail_reason"]
 
 
+def _trial_children(pid: int) -> list[int]:
+    """The trial processes (``python -m experiments.child``) the process ``pid`` started."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"experiments.child" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+# A subreaper for the coordinator: orphans are re-parented to it (and reaped) rather than to this machine's
+# init, which may kill them itself and so hide whether they stop on their own.
+SUBREAPER = """
+import ctypes, os, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(proc.pid, flush=True)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.05)
+"""
+
+
+def test_a_killed_coordinator_leaves_no_trial_training(tmp_path):
+    """SIGKILL of a study coordinator: its trial process gets SIGTERM from the kernel (PR_SET_PDEATHSIG),
+    checkpoints the step it is on (no evaluation was due for thousands of steps), records itself as
+    interrupted and is gone within 2 s."""
+    raw = json.loads(json.dumps(TINY))
+    raw["base"]["train"].update(steps=100000, eval_interval=100000, log_interval=1)
+    raw.update(name="tiny", sampler={"kind": "grid"}, space={"train.seed": [0]})
+    path = tmp_path / "tiny.toml"
+    path.write_text(_to_toml(raw))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments", "study", "run", str(path), "--out", str(out), "--no-progress"]
+    reaper = subprocess.Popen([sys.executable, "-c", SUBREAPER, *cmd], stdout=subprocess.PIPE, text=True)
+    try:
+        coordinator = int(reaper.stdout.readline())
+        metrics, deadline = out / "trials" / "0000" / "metrics.jsonl", time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 20):
+            time.sleep(0.1)
+        children = _trial_children(coordinator)
+        assert len(children) == 1, "no trial process found"
+        os.kill(coordinator, signal.SIGKILL)
+        killed = time.time()
+        while time.time() - killed < 2.0 and any(_alive(c) for c in children):
+            time.sleep(0.05)
+        assert not any(_alive(c) for c in children), "a trial process outlived its coordinator by 2 s"
+    finally:
+        reaper.kill()
+        reaper.wait()
+    import torch
+
+    ckpt = torch.load(out / "trials" / "0000" / "checkpoint.pt", weights_only=False)
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert ckpt["step"] >= 20 and ckpt["step"] == max(logged)  # the step it was on, not a last evaluation
+    assert json.loads((out / "trials" / "0000" / "summary.json").read_text())["status"] == "interrupted"
+
+
 def test_sigterm_stops_the_study_like_ctrl_c_and_the_rerun_resumes_the_trial(tmp_path):
     """A scheduler's SIGTERM: the coordinator stops its running trial (marked interrupted, not failed for a
     reason of its own) and exits; the same command then resumes that trial from its checkpoint."""
