@@ -156,8 +156,9 @@ def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
 
 def check_values(owner: str, cls: type, values: dict[str, Any], error: type[Exception] = ValueError) -> dict[str, Any]:
     """``values`` for the fields of dataclass ``cls``, each checked against its declared type before ``cls``
-    is built (so its own checks never compare text with numbers): raise ``error`` naming ``owner.field``, the
-    value and the type it needs; return them with ints for floats made floats and lists for tuples tuples.
+    is built (so its own checks never compare text with numbers): raise ``error`` naming ``<owner><field>``
+    (``owner`` ends in its separator: ``"data.options."``), the value and the type it needs; return them with
+    ints for floats made floats and lists for tuples tuples.
     Names that are not fields are left for the caller to refuse."""
     hints = typing.get_type_hints(cls)
     out = dict(values)
@@ -165,7 +166,7 @@ def check_values(owner: str, cls: type, values: dict[str, Any], error: type[Exce
         if name in hints:
             ok, kept = _conform(value, hints[name])
             if not ok:
-                raise error(f"{owner}.{name}={value!r}: must be {_describe(hints[name])}")
+                raise error(f"{owner}{name}={value!r}: must be {_describe(hints[name])}")
             out[name] = kept
     return out
 
@@ -437,7 +438,7 @@ class MixerRegistry(Registry[type]):
             raise RegistryError(f"mixer {name!r} needs option(s) {', '.join(missing)}")
         opts_cls = getattr(cls, "Options", None)
         if opts_cls is not None:
-            check_values(f"mixer {name!r} option", opts_cls, options, RegistryError)
+            check_values(f"mixer {name!r}: option ", opts_cls, options, RegistryError)
             try:
                 opts_cls(**options)  # the dataclass checks values in __post_init__
             except (TypeError, ValueError) as exc:

@@ -238,8 +238,10 @@ def render(rows: list[dict[str, Any]], rates: dict[str, float], meta: dict[str, 
                 continue  # not asked for in this run (--paths, --modes)
             cells = []
             for m in MODES:
-                r = by.get((label, t, m), {})
-                if "time_s" in r:
+                r = by.get((label, t, m))
+                if r is None:  # this mode was not asked for (--modes)
+                    cells += ["not run", "", ""]
+                elif "time_s" in r:
                     mult = f"{r['time_s'] / bounds[m]:.1f}" if label in MAMBA1 else "-"
                     cells += [f"{r['time_s']:.3f}", mult, f"{r['peak_bytes'] / 2**20:.0f}"]
                 else:
@@ -247,7 +249,7 @@ def render(rows: list[dict[str, Any]], rates: dict[str, float], meta: dict[str, 
                               "", ""]
             r = by.get((label, t, "fwdbwd"), {})
             vs = f"{r['time_s'] / ours:.2f}x" if ours and "time_s" in r else ""
-            if all("skipped" in by.get((label, t, m), {}) for m in MODES) and "not" in str(
+            if all("skipped" in (by.get((label, t, m)) or {}) for m in MODES) and "not" in str(
                     by.get((label, t, "fwd"), {}).get("skipped", "")):
                 continue  # not installed / not registered: one note below instead of a row per length
             lines.append(f"| {t} | {label} | " + " | ".join(cells) + f" | {vs} |")

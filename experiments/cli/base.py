@@ -1,21 +1,23 @@
-"""The command registry: ``@command(name, help)(configure)`` over ``run(args) -> exit code``."""
+"""The command registry: ``@command(name, help)(configure)`` over ``run(args) -> exit code``; text layout."""
 
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Callable
 
-__all__ = ["COMMANDS", "command", "table"]
+__all__ = ["COMMANDS", "WIDTH", "command", "table", "wrap"]
 
 Configure = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Configure, Run]] = {}
+WIDTH = 100  # columns the commands' tables and notes fit in, unless asked for --wide
 
 
 def command(name: str, help: str) -> Callable[[Configure], Callable[[Run], Run]]:
     """Register ``configure(parser)`` and ``run(args)`` for a subcommand."""
 
-    def wrap(configure: Configure) -> Callable[[Run], Run]:
+    def wrap_configure(configure: Configure) -> Callable[[Run], Run]:
         def bind(run: Run) -> Run:
             if name in COMMANDS:
                 raise ValueError(f"command {name!r} is registered twice")
@@ -24,13 +26,27 @@ def command(name: str, help: str) -> Callable[[Configure], Callable[[Run], Run]]
 
         return bind
 
-    return wrap
+    return wrap_configure
 
 
-def table(rows: list[list[str]], header: list[str]) -> str:
-    """A plain text table, columns padded to their widest cell."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+def table(rows: list[list[str]], header: list[str], width: int | None = None) -> str:
+    """A plain text table, columns padded to their widest cell. With ``width``, the widest columns are
+    narrowed until a line fits in ``width`` characters, and their cells wrap onto more lines."""
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    while width is not None and sum(widths) + 2 * (len(widths) - 1) > width and max(widths) > 12:
+        widths[widths.index(max(widths))] -= 1
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*map(str, r)) for r in rows]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [textwrap.wrap(c, w, break_on_hyphens=False) or [""] for c, w in zip(row, widths, strict=True)]
+        for i in range(max(len(p) for p in parts)):
+            lines.append(fmt.format(*(p[i] if i < len(p) else "" for p in parts)))
+        if n == 0:
+            lines.append(fmt.format(*("-" * w for w in widths)))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def wrap(text: str, width: int | None = None, indent: str = "    ") -> str:
+    """``text`` wrapped at ``width`` (continuation lines indented); as it is without a width."""
+    return text if width is None else textwrap.fill(text, width, subsequent_indent=indent, break_on_hyphens=False)

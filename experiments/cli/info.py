@@ -6,12 +6,13 @@ import argparse
 import importlib
 import importlib.util
 
-from experiments.cli.base import command, table
+from experiments.cli.base import WIDTH, command, table, wrap
 
 
 def _configure_list(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell wildcard over mixer names (default: all)")
     p.add_argument("--options", action="store_true", help="also print each mixer's options and defaults")
+    p.add_argument("--wide", action="store_true", help=f"do not cut lines to {WIDTH} columns")
 
 
 @command("list", "list the registered mixers (built-in and plugins) and their backends on this machine")(
@@ -28,12 +29,13 @@ def _run_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no mixer matches {args.pattern!r}; known: {', '.join(MIXERS.names())}")
         return 1
-    print(table([r[:3] for r in rows], ["mixer", "description", "backends available here"]))
+    width = None if args.wide else WIDTH
+    print(table([r[:3] for r in rows], ["mixer", "description", "backends available here"], width))
     print()
     for name, _desc, _live, off, source in rows:
-        print(f"{name}: from {source}" + (f"; unavailable here: {off}" if off != "-" else ""))
+        print(wrap(f"{name}: from {source}" + (f"; unavailable here: {off}" if off != "-" else ""), width))
         if args.options:
-            print("    options: " + ", ".join(str(o) for o in MIXERS.options(name)))
+            print(wrap("    options: " + ", ".join(str(o) for o in MIXERS.options(name)), width, " " * 13))
     return 0
 
 
@@ -58,8 +60,12 @@ def _import_status(module: str) -> str:
     return "ok"
 
 
+def _configure_doctor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wide", action="store_true", help=f"do not cut lines to {WIDTH} columns")
+
+
 @command("doctor", "say what this machine can run: torch, devices, optional packages, live backends")(
-    lambda p: None)
+    _configure_doctor)
 def _run_doctor(args: argparse.Namespace) -> int:
     import platform
 
@@ -71,12 +77,13 @@ def _run_doctor(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     print("cuda: " + (f"yes ({torch.cuda.get_device_name()})" if cuda else "no — pure-PyTorch paths only"))
     print()
+    width = None if args.wide else WIDTH
     rows = [[mod, _import_status(mod), why] for mod, why in OPTIONAL.items()]
-    print(table(rows, ["package", "status", "used for"]))
+    print(table(rows, ["package", "status", "used for"], width))
     print()
     rows = []
     for name in MIXERS.names():
         for backend, ok in MIXERS.backends(name).items():
             rows.append([name, backend, ok])
-    print(table(rows, ["mixer", "backend", "live?"]))
+    print(table(rows, ["mixer", "backend", "live?"], width))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from experiments.cli.base import command, table
+from experiments.errors import UsageError
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
@@ -96,12 +97,23 @@ def _run_generate(args: argparse.Namespace) -> int:
     from experiments.data import BYTE_TOKENIZER
     from experiments.runs import load_run
 
+    for flag, value, ok, what in (("--tokens", args.tokens, args.tokens >= 1, "a positive integer"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+                                  ("--top-k", args.top_k, args.top_k >= 1, "a positive integer")):
+        if not ok:
+            raise UsageError(f"{flag} {value}: must be {what}")
     model, specs = load_run(args.run)
     if DataSpec.from_dict(specs["data"]).kind == "task":
-        print(f"mixerlab generate: error: {args.run} was trained on task {specs['data']['task']!r}, not text",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.run} was trained on task {specs['data']['task']!r}, not text: it has no prompt "
+                         f"to continue (evaluate it with `mixerlab measure context --run {args.run}`)")
     ids = torch.tensor([list(BYTE_TOKENIZER.encode(args.prompt))], dtype=torch.long)
+    limit = model.spec.length_limit
+    if limit is not None and ids.shape[1] + args.tokens > limit:
+        room = limit - ids.shape[1]
+        raise UsageError(f"--tokens {args.tokens} after a {ids.shape[1]}-token prompt needs "
+                         f"{ids.shape[1] + args.tokens} positions, but this model has learned positions up to "
+                         f"max_seq_len={limit}: " + (f"use --tokens {room} or fewer" if room > 0 else
+                                                     "shorten the prompt"))
     out = model.generate(ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
                          generator=torch.Generator().manual_seed(args.seed))
     print(BYTE_TOKENIZER.decode(out[0].tolist(), skip_specials=True))

@@ -52,6 +52,7 @@ from experiments.data.sources import (
 )
 from experiments.data.tokenizer import BYTE_TOKENIZER, ByteTokenizer
 from experiments.runs import atomic_write
+from registry import check_values
 
 __all__ = [
     "CORPUS_KINDS",
@@ -165,8 +166,12 @@ def _make_options(kind: str, options: dict[str, Any]) -> _CommonOptions:
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in options
     ]
     if missing:
-        raise DataError(f"the {kind!r} corpus needs the option(s) {', '.join(missing)}")
-    return cls(**{k: _as_tuple(v) for k, v in options.items()})
+        raise DataError(f"the {kind!r} corpus needs the option(s) {', '.join(missing)} (on the command line: "
+                        + " ".join(f"data.options.{n}=..." for n in missing) + ")")
+    values = {k: _as_tuple(v) for k, v in options.items()}
+    if isinstance(values.get("suffixes"), str):
+        values["suffixes"] = (values["suffixes"],)
+    return cls(**check_values("data.options.", cls, values, DataError))
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,9 @@ def decode_check(data: bytes, name: str, errors: str) -> bytes:
             return data.decode("utf-8", errors="replace").encode("utf-8")
         raise UndecodableTextError(
             f"{name}: not valid UTF-8 at byte offset {e.start} ({e.reason}: {data[e.start : e.end]!r}). "
-            f"Convert the file to UTF-8, exclude it, or load the corpus with errors='replace' "
-            f"(invalid bytes become U+FFFD) or errors='bytes' (raw bytes are tokenised as they are).",
+            f"Convert the file to UTF-8, exclude it, or add data.options.errors=replace (invalid bytes become "
+            f"U+FFFD) or data.options.errors=bytes (raw bytes are tokenised as they are); in Python, "
+            f"load_corpus(..., errors='replace').",
             file=name,
             offset=e.start,
         ) from None

@@ -263,7 +263,7 @@ def make_config(config_cls: type, options: dict[str, Any], *, task: str) -> Any:
             f"{n}={f.default!r}" if f.default is not dataclasses.MISSING else n for n, f in fields.items()
         )
         raise TaskError(f"unknown option(s) {', '.join(unknown)} for the {task!r} task; its options are {valid}")
-    return config_cls(**check_values(f"{task} option", config_cls, options, TaskError))
+    return config_cls(**check_values("data.options.", config_cls, options, TaskError))
 
 
 def check(condition: bool, message: str) -> None:

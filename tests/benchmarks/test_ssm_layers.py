@@ -20,3 +20,10 @@ def test_render_lists_measured_and_failed_paths_only():
     assert [line.split(" | ")[1] for line in lines] == ["*bound*", "mamba/chunked", "mamba2"]
     assert "| 0.030 |" in lines[1] and "failed: out of memory" in lines[2]
     assert "attention/sdpa" not in md and "mambapy" not in md  # not asked for in this run
+
+
+def test_a_mode_not_asked_for_is_not_run_not_failed():
+    """`--modes fwdbwd`: the forward cells say "not run", not "failed: ?"."""
+    rows = [row("mamba/chunked", "fwdbwd", time_s=0.03, peak_bytes=2**21)]
+    (line,) = [x for x in render(rows, RATES, META, [256]).splitlines() if x.startswith("| 256 | mamba/chunked")]
+    assert "failed" not in line and line.split(" | ")[2] == "not run" and "| 0.030 |" in line
