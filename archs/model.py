@@ -91,6 +91,10 @@ class ModelSpec:
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "short_conv"):
+            need(getattr(self, name) < 2**31, name, "must be below 2^31 (no tensor that size can be built)")
+        need(math.isfinite(self.mlp_ratio) and self.mlp_ratio * self.d_model < 2**31, "mlp_ratio",
+             "must be a positive number with mlp_ratio * d_model below 2^31")
         need(self.positions in POSITIONS, "positions", f"must be one of {POSITIONS}")
         need(self.mlp in MLPS, "mlp", f"must be one of {MLPS}")
         need(self.norm in NORMS, "norm", f"must be one of {NORMS}")
@@ -174,8 +178,15 @@ class ModelSpec:
         `SpecError` naming the layer; return the parameter count (tied weights once)."""
         import torch
 
-        with torch.device("meta"):
-            model = LanguageModel(self)
+        try:
+            with torch.device("meta"):
+                model = LanguageModel(self)
+        except MixerlabError:
+            raise
+        except Exception as exc:  # e.g. sizes whose tensors cannot exist at all
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise SpecError(f"ModelSpec (d_model={self.d_model}, n_layers={self.n_layers}, "
+                            f"vocab_size={self.vocab_size}) does not build: {type(exc).__name__}: {first}") from exc
         return model.num_params()
 
     @property
@@ -218,6 +229,7 @@ class ModelSpec:
             close = difflib.get_close_matches(name, list(PRESETS), n=2)
             hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
             raise SpecError(f"unknown preset {name!r}; {hint}presets: {', '.join(PRESETS)}")
+        check_fields("ModelSpec", overrides, [f.name for f in dataclasses.fields(cls)], SpecError)
         return cls(**{**PRESETS[name], **overrides})
 
 
@@ -274,7 +286,7 @@ class LanguageModel(nn.Module):
             except Exception as exc:  # a constraint between fields only the mixer knows (heads dividing width)
                 raise SpecError(f"layer {i} ({layer.mixer}, d_model={d}"
                                 + "".join(f", {k}={v!r}" for k, v in layer.options.items())
-                                + f") does not build: {exc}") from exc
+                                + f") does not build: {(str(exc).strip().splitlines() or [''])[0]}") from exc
             if not isinstance(mixer, Mixer):
                 raise TypeError(f"mixer {layer.mixer!r} built a {type(mixer).__name__}, not an "
                                 f"archs.mixers.Mixer subclass; subclass Mixer (implement __init__ and forward)")

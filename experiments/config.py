@@ -81,6 +81,8 @@ class TrainSpec:
 
         for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches", "log_interval"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
+        for name in ("batch_size", "seq_len", "eval_examples"):
+            need((getattr(self, name) or 0) < 2**31, name, "must be below 2^31")
         need(self.tokens is None or (isinstance(self.tokens, int) and self.tokens > 0), "tokens",
              "must be a positive int or None")
         need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive number, e.g. 3e-3")

@@ -31,15 +31,14 @@ def resolve_target(*, mixer: str | None = None, options: dict[str, Any] | None =
     options = dict(options or {})
     overrides = dict(overrides or {})
     if mixer is not None:
-        from registry import MIXERS
 
         if overrides:
             raise UsageError(f"--set {', '.join(overrides)} applies to a model (--preset/--spec), not to --mixer")
         d = 256 if d_model is None else d_model
-        layer = MIXERS.create(mixer, d_model=d, layer_idx=0, **options)  # validates name, options and d_model
+        params = _meta_params(mixer, d, options)
         opts = ",".join(f"{k}={v}" for k, v in options.items())
         return {"kind": "mixer", "name": mixer, "options": options, "d_model": d,
-                "label": f"{mixer}({opts})" if opts else mixer, "params": sum(p.numel() for p in layer.parameters())}
+                "label": f"{mixer}({opts})" if opts else mixer, "params": params}
     from archs.model import ModelSpec
 
     if options:
@@ -75,6 +74,7 @@ def resolve_target(*, mixer: str | None = None, options: dict[str, Any] | None =
             data.update(overrides)
             label += "".join(f" {k}={v}" for k, v in overrides.items())
         model_spec = ModelSpec.from_dict(data)
+    model_spec.check_builds()
     mixers: dict[str, int] = {}
     for layer in model_spec.resolved_layers:
         mixers[layer.mixer] = mixers.get(layer.mixer, 0) + 1
@@ -83,6 +83,27 @@ def resolve_target(*, mixer: str | None = None, options: dict[str, Any] | None =
     if run_dir is not None:
         out["run"] = str(run_dir)
     return out
+
+
+def _meta_params(mixer: str, d_model: int, options: dict[str, Any]) -> int:
+    """Build the mixer layer on the meta device (no memory): its parameter count, or a `UsageError` naming
+    what does not build (the registry's own errors pass through: they name the mixer or option)."""
+    import torch
+
+    from registry import MIXERS, MixerlabError
+
+    if not isinstance(d_model, int) or isinstance(d_model, bool) or not 0 < d_model < 2**31:
+        raise UsageError(f"--d-model {d_model!r}: must be a positive integer below 2^31")
+    try:
+        with torch.device("meta"):
+            layer = MIXERS.create(mixer, d_model=d_model, layer_idx=0, **options)
+    except MixerlabError:
+        raise
+    except Exception as exc:  # a constraint between the width and an option, known to the mixer alone
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"--mixer {mixer} --d-model {d_model}"
+                         + "".join(f" --option {k}={v}" for k, v in options.items()) + f": {first}") from exc
+    return sum(p.numel() for p in layer.parameters())
 
 
 def length_limit(target: dict[str, Any]) -> int | None:

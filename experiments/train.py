@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from experiments.errors import RunError
 from experiments.measure import SavedActivations, StepPeak, memory_split
 from experiments.runs import SCOPE_STEPS, TrialSummary, machine_info, save_torch, write_json
 
-__all__ = ["DataSpec", "Pruned", "RunError", "StopTraining", "TrainSpec", "build_data", "train"]
+__all__ = ["DataSpec", "Plan", "Pruned", "RunError", "StopTraining", "TrainSpec", "build_data", "plan", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,17 +126,28 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _check_memory(model_spec: ModelSpec, params: int, spec: TrainSpec, seq_len: int, device: torch.device) -> None:
-    """Refuse, before anything is written, a run that cannot fit this machine: a lower bound of its memory
-    (parameters, gradients and two AdamW moments in fp32, and one fp32 activation of the model's width per
-    token per layer for backward) above what the device has free."""
-    need = 16 * params + 4 * spec.batch_size * seq_len * model_spec.d_model * model_spec.n_layers
-    have = _available_bytes(device)
+def _check_memory(model_spec: ModelSpec, params: int, spec: TrainSpec, data: CorpusData | TaskData,
+                  device: torch.device) -> int:
+    """Refuse, before anything is written, a run that cannot fit this machine; return the bound. A lower
+    bound of its memory: parameters, gradients and two AdamW moments in fp32; one fp32 activation of the
+    model's width per token per layer and the logits of a training batch; the logits of an evaluation batch
+    at the longest test length; a task's fixed test set."""
+    width = model_spec.d_model * model_spec.n_layers + model_spec.vocab_size
+    longest, test_set = data.eval_extent()
+    parts = {"parameters": 16 * params, "activations": 4 * spec.batch_size * data.seq_len * width,
+             "evaluation": 4 * spec.batch_size * longest * (model_spec.vocab_size + model_spec.d_model),
+             "test set": test_set}
+    need, have = sum(parts.values()), _available_bytes(device)
     if have is not None and need > have:
-        raise RunError(f"this run needs at least {need / 2**30:.1f} GiB ({params:,} parameters with their "
-                       f"gradients and AdamW state, and activations for batch_size={spec.batch_size} x "
-                       f"seq_len={seq_len}), but {device} has {have / 2**30:.1f} GiB free; make the model "
-                       f"(d_model, n_layers) or the batch (train.batch_size, train.seq_len) smaller")
+        gib = {k: f"{v / 2**30:.1f} GiB" for k, v in parts.items()}
+        raise RunError(
+            f"this run needs at least {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
+            f"parameters {gib['parameters']} ({params:,} with gradients and AdamW state: model.d_model, "
+            f"n_layers, vocab_size, mlp_ratio, max_seq_len, short_conv), activations {gib['activations']} "
+            f"(train.batch_size={spec.batch_size} x seq_len={data.seq_len}), evaluation {gib['evaluation']} "
+            f"({longest:,} tokens: the task's test_seq_lens or test_multipliers), test set {gib['test set']} "
+            f"(train.eval_examples, the task's test_examples); make the largest of them smaller")
+    return need
 
 
 def _warm_up(model_spec: ModelSpec, spec: TrainSpec, data: CorpusData | TaskData, device: torch.device) -> None:
@@ -235,18 +247,25 @@ class _Run:
                     "evals": self.evals}, self.out / "checkpoint.pt")
 
 
-def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out_dir: str | os.PathLike, *,
-          on_eval: Callable[[int, dict[str, Any]], None] | None = None, resume: bool = True,
-          stop_at: int | None = None, progress: bool = True, threads: int | None = None) -> TrialSummary:
-    """Train, evaluate and checkpoint; return the `TrialSummary` (also written to ``out_dir/summary.json``).
+@dataclass(frozen=True)
+class Plan:
+    """A validated run, before anything is written: the model spec (vocabulary from the data), the data, the
+    device, the parameter count and the memory the run needs at least."""
 
-    ``on_eval(step, metrics)`` runs after every evaluation (and its checkpoint) and may raise `StopTraining`
-    (`Pruned` for a pruned run). ``stop_at`` ends the run after that step with status ``stopped`` (a
-    checkpoint is written; rerunning resumes).
-    """
-    t_start = time.time()
-    if threads:
-        torch.set_num_threads(threads)
+    model_spec: ModelSpec
+    data: CorpusData | TaskData
+    device: torch.device
+    params: int
+    need_bytes: int
+
+    def __iter__(self) -> Any:
+        return iter((self.model_spec, self.data, self.device))
+
+
+def plan(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec) -> Plan:
+    """Validate a run completely without writing anything: the device, the data (corpus loaded, task built),
+    the pairing of specs, the model built on the meta device, and a lower bound of its memory against what
+    the device has free. Raises a `MixerlabError` naming the field and the fix."""
     device = resolve_device(train_spec.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slowed CPU training by up to ~20x here
@@ -260,7 +279,24 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
     if limit is not None and data.seq_len > limit:
         raise RunError(f"training sequences of {data.seq_len} tokens exceed the model's learned positions "
                        f"(max_seq_len={limit}); raise ModelSpec.max_seq_len or shorten seq_len")
-    _check_memory(model_spec, model_spec.check_builds(), train_spec, data.seq_len, device)
+    params = model_spec.check_builds()
+    need = _check_memory(model_spec, params, train_spec, data, device)
+    return Plan(model_spec, data, device, params, need)
+
+
+def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out_dir: str | os.PathLike, *,
+          on_eval: Callable[[int, dict[str, Any]], None] | None = None, resume: bool = True,
+          stop_at: int | None = None, progress: bool = True, threads: int | None = None) -> TrialSummary:
+    """Train, evaluate and checkpoint; return the `TrialSummary` (also written to ``out_dir/summary.json``).
+
+    ``on_eval(step, metrics)`` runs after every evaluation (and its checkpoint) and may raise `StopTraining`
+    (`Pruned` for a pruned run). ``stop_at`` ends the run after that step with status ``stopped`` (a
+    checkpoint is written; rerunning resumes).
+    """
+    t_start = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    model_spec, data, device = plan(model_spec, train_spec, data_spec)
     specs = {"model": model_spec.to_dict(), "train": train_spec.to_dict(), "data": data_spec.to_dict()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,8 @@ def _add_common_args(p: argparse.ArgumentParser, lengths: str | None) -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per measurement process")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default runs/measure/<what>-<date-time>); gets results.json and .md")
+    p.add_argument("--check", action="store_true", help="validate the arguments and what to measure, then stop: "
+                                                         "nothing is measured or written")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -265,6 +267,11 @@ def run_cli(args: argparse.Namespace) -> int:
     ``--out``; print a short table. Returns 0, 1 when nothing could be measured, 2 on bad input."""
     what = getattr(args, "measure_command", None)
     plan = _plan(args)
+    if args.check:
+        subject = plan["target"]["label"] if "target" in plan else plan["kwargs"]["run"]
+        print(f"valid: {what} of {subject}" + (f" at {plan['lengths']}" if "lengths" in plan else "")
+              + "; nothing was measured or written")
+        return 0
     command = _command_line(args)
     started = time.time()
 

@@ -25,6 +25,9 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
                                                "into the same directory resumes from its checkpoint")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--check", action="store_true",
+                   help="validate everything (specs, data, the model built on the meta device, a memory bound) "
+                        "and stop: nothing is trained or written")
 
 
 @command("train", "train one model on a corpus or task; writes metrics.jsonl, checkpoint.pt, summary.json")(
@@ -51,6 +54,13 @@ def _run_train(args: argparse.Namespace) -> int:
     model, train_spec, data = build_specs(apply_overrides(config, args.overrides))
     label = data.task or data.corpus
     out = args.out or f"runs/train-{args.preset or model.layer_pattern.lower()}-{label}"
+    if args.check:
+        from experiments.train import plan
+
+        checked = plan(model, train_spec, data)
+        print(f"valid: {checked.model_spec.layers_text}, {checked.params:,} parameters, needs at least "
+              f"{checked.need_bytes / 2**20:,.0f} MiB; nothing was written")
+        return 0
     summary = train(model, train_spec, data, out, progress=not args.no_progress, threads=args.threads)
     final = summary.final
     rows = [["status", summary.status], ["steps", f"{summary.steps}/{summary.total_steps}"],
@@ -94,19 +104,20 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from experiments.config import DataSpec
-    from experiments.data import BYTE_TOKENIZER
+    from experiments.data import BOS, BYTE_TOKENIZER
     from experiments.runs import load_run
 
     for flag, value, ok, what in (("--tokens", args.tokens, args.tokens >= 1, "a positive integer"),
                                   ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
-                                  ("--top-k", args.top_k, args.top_k >= 1, "a positive integer")):
+                                  ("--top-k", args.top_k, args.top_k >= 1, "a positive integer"),
+                                  ("--seed", args.seed, 0 <= args.seed < 2**63, "an integer in [0, 2^63)")):
         if not ok:
             raise UsageError(f"{flag} {value}: must be {what}")
     model, specs = load_run(args.run)
     if DataSpec.from_dict(specs["data"]).kind == "task":
         raise UsageError(f"{args.run} was trained on task {specs['data']['task']!r}, not text: it has no prompt "
                          f"to continue (evaluate it with `mixerlab measure context --run {args.run}`)")
-    ids = torch.tensor([list(BYTE_TOKENIZER.encode(args.prompt))], dtype=torch.long)
+    ids = torch.tensor([list(BYTE_TOKENIZER.encode(args.prompt)) or [BOS]], dtype=torch.long)  # "": from <bos>
     limit = model.spec.length_limit
     if limit is not None and ids.shape[1] + args.tokens > limit:
         room = limit - ids.shape[1]

@@ -20,6 +20,9 @@ def _study_args(p: argparse.ArgumentParser, *, storage_required: bool = False) -
 
 
 def _runner_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true",
+                   help="validate the recipe (every grid cell or range corner built into a model) and stop: "
+                        "nothing runs or is written")
     p.add_argument("--jobs", type=int, default=None,
                    help="trial subprocesses to run in parallel on this machine (default: the recipe's trial.jobs, "
                         "else 1)")
@@ -55,6 +58,13 @@ def _report(runner) -> dict:
 
 
 def _run_and_report(args: argparse.Namespace, create: bool = True) -> int:
+    if args.check:
+        from experiments.study import Recipe
+
+        recipe = Recipe.load(args.recipe, args.scale)
+        size = f"{len(recipe.grid_cells())} grid cells" if recipe.grid else f"up to {recipe.trials} trials"
+        print(f"valid: {recipe.study_name}, {size}; nothing was run or written")
+        return 0
     runner = _runner(args)
     try:
         counts = runner.run(create=create)

@@ -52,6 +52,10 @@ class CorpusData:
     def prepare(self, model_spec: Any) -> None:
         """Everything evaluation needs, made before training (nothing to make for a corpus)."""
 
+    def eval_extent(self) -> tuple[int, int]:
+        """The longest evaluation length, and the bytes of a fixed test set (none for a corpus)."""
+        return self.seq_len, 0
+
     def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self.corpus.sample_batch("train", batch_size, self.seq_len, generator)
 
@@ -83,6 +87,13 @@ class TaskData:
         self.seq_len = self.task.seq_len
         self.batch_size = train.batch_size
         self.examples = train.eval_examples
+
+    def eval_extent(self) -> tuple[int, int]:
+        """The longest test length, and the bytes of the fixed test set (int64 inputs and targets)."""
+        slices = self.task.test_slices()
+        n = self.examples or self.task.config.test_examples
+        lengths = [int(s.get("seq_len", self.seq_len)) for s in slices]
+        return max(lengths, default=self.seq_len), 16 * n * sum(lengths)
 
     def prepare(self, model_spec: Any) -> None:
         """Build the fixed test set now, so that it is not counted in the training memory."""

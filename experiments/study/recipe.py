@@ -24,7 +24,7 @@ from typing import Any
 from experiments.config import build_specs, set_path
 from experiments.errors import ConfigError, RecipeError
 from experiments.metrics import metric, metric_names
-from registry import check_fields, did_you_mean
+from registry import check_fields, check_values, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +45,102 @@ SECTIONS: dict[str, tuple[str, ...] | None] = {
 }
 MEASURES = {"memory": ("lengths", "mode", "batch", "of", "repeats"), "decode": ("contexts", "steps", "batch"),
             "context": ("multipliers", "bins", "tokens", "examples")}
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    kind: str = "tpe"
+    seed: int = 0
+    n_startup_trials: int = 10
+
+
+@dataclass(frozen=True)
+class _Pruner:
+    kind: str = "none"
+    n_startup_trials: int = 3
+    n_warmup_steps: int = 0
+    min_resource: int = 1
+    reduction_factor: int = 3
+    percentile: float = 25.0
+
+
+@dataclass(frozen=True)
+class _Budget:
+    trials: int | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class _Trial:
+    timeout_s: float = 3600.0
+    threads: int | None = None
+    jobs: int = 1
+
+
+@dataclass(frozen=True)
+class _Report:
+    sort: str = "family"
+    metric: str | None = None
+    best_over: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class _Memory:
+    lengths: list[int] | None = None
+    mode: str = "fwdbwd"
+    batch: int = 1
+    of: str = "mixer"
+    repeats: int = 2
+
+
+@dataclass(frozen=True)
+class _Decode:
+    contexts: list[int] | None = None
+    steps: int = 16
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class _Context:
+    multipliers: list[float] | None = None
+    bins: int = 8
+    tokens: int = 32768
+    examples: int | None = None
+
+
+_TYPED = {"sampler": _Sampler, "pruner": _Pruner, "budget": _Budget, "trial": _Trial, "report": _Report}
+_MEASURE_TYPES = {"memory": _Memory, "decode": _Decode, "context": _Context}
+#: (section, field) -> (smallest allowed, why)
+_LOWER = {("sampler", "seed"): 0, ("sampler", "n_startup_trials"): 0, ("pruner", "n_startup_trials"): 0,
+          ("pruner", "n_warmup_steps"): 0, ("pruner", "min_resource"): 1, ("pruner", "reduction_factor"): 2,
+          ("budget", "trials"): 1, ("trial", "threads"): 0, ("trial", "jobs"): 1}
+
+
+def _check_types(doc: dict[str, Any]) -> None:
+    """Every value of the typed sections has its type and range, before anything reads it."""
+    import math
+
+    for section, cls in _TYPED.items():
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise RecipeError(f"{section} = {table!r}: must be a table, e.g. {section} = {{ ... }}")
+        _unknown(section, table, [f.name for f in dataclasses.fields(cls)])
+        values = check_values(f"{section}.", cls, table, RecipeError)
+        for name, value in values.items():
+            low = _LOWER.get((section, name))
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{section}.{name}={value!r}: must be a finite number")
+            if low is not None and value is not None and value < low:
+                raise RecipeError(f"{section}.{name}={value!r}: must be at least {low}")
+            if name == "timeout_s" and value is not None and value <= 0:
+                raise RecipeError(f"{section}.{name}={value!r}: must be a positive number of seconds")
+    for kind, opts in (doc.get("measure") or {}).items():
+        if kind in _MEASURE_TYPES and isinstance(opts, dict):
+            _unknown(f"measure.{kind}", opts, MEASURES[kind])
+            for name, value in check_values(f"measure.{kind}.", _MEASURE_TYPES[kind], opts, RecipeError).items():
+                if isinstance(value, list) and not all(v > 0 for v in value) or (
+                        isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0):
+                    raise RecipeError(f"measure.{kind}.{name}={value!r}: must be positive")
 
 
 def _unknown(kind: str, keys: Any, valid: Any) -> None:
@@ -192,8 +288,12 @@ def _axes(doc: dict[str, Any], space: tuple[Param, ...]) -> dict[str, dict[str, 
 
 def _objectives(items: Any) -> tuple[tuple[str, str], ...]:
     items = [items] if isinstance(items, str) else items
+    if not isinstance(items, list):
+        raise RecipeError(f"objectives = {items!r}: give a metric or a list of them, e.g. objectives = [\"val_bpb\"]")
     out = []
     for item in items:
+        if not isinstance(item, (str, dict)):
+            raise RecipeError(f"objectives: {item!r} is not a metric name or {{metric = ..., direction = ...}}")
         name, direction = (item, None) if isinstance(item, str) else (item.get("metric"), item.get("direction"))
         _unknown("objectives", [name], metric_names())
         direction = direction or metric(name).direction
@@ -252,15 +352,28 @@ class Recipe:
     def from_dict(cls, raw: dict[str, Any], scale: str = "cpu", source: str = "") -> Recipe:
         _unknown("recipe", raw, SECTIONS)
         doc = _scaled(raw, scale)
+        _check_types(doc)
         for section, keys in SECTIONS.items():
             if keys is not None and section != "scale":
                 _unknown(f"recipe [{section}]" if section == "base" else section, doc.get(section, {}), keys)
+        for key in ("name", "description"):
+            if not isinstance(doc.get(key, ""), str):
+                raise RecipeError(f"{key} = {doc[key]!r}: must be a string")
+        for key in ("space", "variants", "axes", "base", "measure"):
+            if not isinstance(doc.get(key, {}), dict):
+                raise RecipeError(f"{key} = {doc[key]!r}: must be a table")
         name = doc.get("name") or Path(source).stem
         if not name:
             raise RecipeError("recipe: give it a name (name = \"...\")")
         space = tuple(Param.parse(p, s) for p, s in doc.get("space", {}).items())
-        constraints = {str(k): float(v) for k, v in doc.get("constraints", {}).items()}
-        _unknown("constraints", constraints, metric_names())
+        raw_constraints = doc.get("constraints", {})
+        if not isinstance(raw_constraints, dict):
+            raise RecipeError(f"constraints = {raw_constraints!r}: must be a table of metric = maximum")
+        _unknown("constraints", raw_constraints, metric_names())
+        for k, v in raw_constraints.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise RecipeError(f"constraints.{k}={v!r}: must be a number (the metric's maximum)")
+        constraints = {str(k): float(v) for k, v in raw_constraints.items()}
         budget, trial = doc.get("budget", {}), doc.get("trial", {})
         recipe = cls(name=name, scale=scale, description=doc.get("description", ""), base=doc.get("base", {}),
                      space=space, axes=_axes(doc, space), objectives=_objectives(doc.get("objectives", ["val_bpb"])),

@@ -46,8 +46,8 @@ class PasskeyConfig:
         need = self.min_seq_len
         check(
             self.seq_len >= need,
-            f"seq_len={self.seq_len} is too short: the needle, question and {self.num_digits}-digit key "
-            f"take {need} bytes; raise seq_len to at least {need}",
+            f"seq_len={self.seq_len} is too short for num_digits={self.num_digits}: the needle, question and key "
+            f"take {need} bytes; raise seq_len to at least {need} or lower num_digits",
         )
         if self.test_seq_lens is not None:
             object.__setattr__(self, "test_seq_lens", tuple(self.test_seq_lens))
