@@ -114,3 +114,50 @@ def test_ctrl_c_during_train_checkpoints_the_step_and_the_rerun_resumes_there(tm
     third = subprocess.run(cmd(out), capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and "nothing was changed" in third.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_minimal_plugin_shows_its_backend_and_name_not_holes(tmp_path, capsys):
+    """The documented minimal plugin (``__init__`` and ``forward`` only) never records a backend and has no
+    legend letter: the summary says ``torch`` and ``2 × toymix``, not ``None`` and ``??``."""
+    out = tmp_path / "run"
+    assert main(["train", "--mixer", "toymix", "--steps", "2", "--out", str(out), "--no-progress",
+                 "model.d_model=16", "model.n_layers=2", "train.batch_size=2", "train.seq_len=16",
+                 "train.eval_batches=1", "train.warmup_steps=1"]) == 0
+    text = capsys.readouterr().out
+    rows = dict(line.split(None, 1) for line in text.splitlines()[2:] if line.split(None, 1)[0] in ("layers",
+                                                                                                  "backends"))
+    assert rows["layers"].strip() == "2 × toymix" and rows["backends"].strip() == "torch"
+    import json
+
+    assert set(json.loads((out / "summary.json").read_text())["backends"].values()) == {"torch"}
+
+
+def test_bad_values_are_refused_before_anything_is_written_and_the_fix_then_runs(tmp_path, capsys):
+    """The issue's cases: each one line naming the field; the directory is left unwritten, so the corrected
+    command runs on the same --out."""
+    out = tmp_path / "run"
+    base = ["train", "--mixer", "attention", "--steps", "1", "--out", str(out), "--no-progress",
+            "model.n_layers=1", "train.batch_size=2", "train.seq_len=16", "train.eval_batches=1"]
+    cases = {"model.n_heads=3": "n_heads=3", "train.beta1=2": "TrainSpec.beta1", "train.beta1=abc": "beta1",
+             "train.seed=abc": "TrainSpec.seed", "train.lr=abc": "TrainSpec.lr",
+             "train.warmup_steps=x": "warmup_steps"}
+    for override, named in cases.items():
+        assert main([*base, override]) == 2, override
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists(), override
+    assert main(base) == 0
+
+
+def test_generate_refuses_what_it_cannot_do_before_generating(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "1", "--out", str(out), "--no-progress", "model.d_model=16", "model.n_layers=1",
+                 "model.n_heads=2", "model.positions=learned", "model.max_seq_len=32", "train.batch_size=2",
+                 "train.seq_len=16", "train.eval_batches=1"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "def ", "--tokens", "200"]) == 2
+    captured = capsys.readouterr()
+    assert "use --tokens 28 or fewer" in captured.err and captured.out == ""  # nothing generated, one line
+    assert main(["generate", str(tmp_path / "nope")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert main(["generate", str(out), "--prompt", "", "--tokens", "5"]) == 0  # an empty prompt starts at <bos>

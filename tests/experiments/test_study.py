@@ -68,6 +68,20 @@ def test_a_bad_cell_is_found_before_anything_runs(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_cell_whose_model_does_not_build_or_holds_text_for_a_number_is_refused(tmp_path):
+    """Every cell's model is built (on the meta device) when the recipe is checked, so a width its heads do
+    not divide fails then, naming the cell and the layer; text in a number field names the field."""
+    with pytest.raises(RecipeError, match=r"variant=bad.*layer 0 \(attention.*n_heads=3.*not divisible"):
+        recipe(sampler={"kind": "grid"}, variants={"ok": {"model.n_heads": 2},
+                                                  "bad": {"model.n_heads": 3, "model.d_model": 32}})
+    base = json.loads(json.dumps(TINY["base"]))
+    base["train"]["lr"] = "3e-3x"
+    with pytest.raises(RecipeError, match=r"TrainSpec.lr='3e-3x': must be a number"):
+        recipe(base=base, sampler={"kind": "grid"})
+    with pytest.raises(RecipeError, match=r"trial.jobs='two': must be an integer"):
+        recipe(sampler={"kind": "grid"}, trial={"jobs": "two"})
+
+
 def test_scales_merge_over_the_base():
     r = Recipe.from_dict({**TINY, "name": "t", "sampler": {"kind": "grid"},
                           "scale": {"smoke": {"base": {"train": {"steps": 2}}}}}, scale="smoke")
@@ -103,7 +117,7 @@ def test_grid_runs_every_cell_once_in_parallel_and_records_results(tmp_path):
     for t in trials_of(runner):
         s = ledger.read_trial(t).summary
         assert s.status == "completed" and t.value == pytest.approx(s.final["val_bpb"])
-        assert s.peak_memory_mib > 0 and s.memory_scope == "training steps" and s.memory_split["params"] > 0
+        assert s.peak_memory_mib >= 0 and s.memory_scope == "training steps" and s.memory_split["params"] > 0
         assert s.corpus_hash and s.evals[-1]["step"] == 4 and s.d_model == t.params["model.d_model"]
         assert (tmp_path / "trials" / f"{t.number:04d}" / "summary.json").exists()
     # rerunning the finished study runs nothing more
