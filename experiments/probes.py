@@ -26,7 +26,7 @@ from typing import Any
 from experiments.child import Isolation, run_isolated
 from experiments.errors import MeasureError, RunError
 from experiments.fits import fit_power_law, max_length_for_budget
-from experiments.runs import load_run
+from experiments.runs import available_bytes, load_run
 from experiments.targets import length_limit, resolve_target
 
 __all__ = [
@@ -51,17 +51,6 @@ def _na_learned(limit: int) -> str:
 
 
 # time and memory vs T ---------------------------------------------------------------------------------------
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str = "fwdbwd", batch: int = 1,
                   repeats: int = 3, budget_bytes: float | None = None, isolation: Isolation = _ISOLATION,
                   memory_floor: float = MEMORY_FLOOR_BYTES, time_floor: float = TIME_FLOOR_S,
@@ -85,7 +74,7 @@ def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str =
         else:
             fit = fit_power_law([r["seq_len"] for r in rows if r.get("status") == "ok"],
                                 [r["peak_bytes"] for r in rows if r.get("status") == "ok"], floor=memory_floor)
-            avail = _mem_available() if isolation.device == "cpu" else None
+            avail = available_bytes() if isolation.device == "cpu" else None
             predicted = fit["coef"] * t ** fit["exponent"] if fit else None
             if predicted is not None and avail is not None and predicted > 0.8 * avail:
                 row["status"] = stop = (f"skipped: predicted {predicted / 2**30:.1f} GiB > 80% of the "

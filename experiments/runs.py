@@ -24,8 +24,8 @@ from typing import Any, BinaryIO
 from experiments.errors import RunError
 from experiments.metrics import ALIASES
 
-__all__ = ["STATUSES", "TrialSummary", "atomic_write", "load_run", "machine_info", "save_torch", "write_json",
-           "write_text"]
+__all__ = ["STATUSES", "TrialSummary", "atomic_write", "available_bytes", "load_run", "machine_info", "save_torch",
+           "write_json", "write_text"]
 
 #: how a run ended: every step done (or the target accuracy reached); a non-finite loss; stopped by a pruner;
 #: stopped by Ctrl-C, SIGTERM or a lost coordinator (resumable); stopped on purpose at ``stop_at``
@@ -184,6 +184,24 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+def available_bytes(device: Any = "cpu") -> int | None:
+    """Memory free for a new allocation on ``device``: MemAvailable on the CPU (Linux), the CUDA device's free
+    memory; None where it cannot be read."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any]]:

@@ -35,7 +35,7 @@ from experiments.config import DataSpec, TrainSpec, resolve_device
 from experiments.data.training import CorpusData, TaskData, build_data
 from experiments.errors import RunError
 from experiments.measure import SavedActivations, StepPeak, memory_split
-from experiments.runs import SCOPE_STEPS, TrialSummary, machine_info, save_torch, write_json
+from experiments.runs import SCOPE_STEPS, TrialSummary, available_bytes, machine_info, save_torch, write_json
 
 __all__ = ["DataSpec", "Plan", "Pruned", "RunError", "StopTraining", "TrainSpec", "build_data", "plan", "train"]
 
@@ -112,20 +112,6 @@ def check_run_dir(out: Path, specs: dict[str, Any], resume: bool) -> Path | None
     return None
 
 
-def _available_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _check_memory(model_spec: ModelSpec, params: int, spec: TrainSpec, data: CorpusData | TaskData,
                   device: torch.device) -> int:
     """Refuse, before anything is written, a run that cannot fit this machine; return the bound. A lower
@@ -137,7 +123,7 @@ def _check_memory(model_spec: ModelSpec, params: int, spec: TrainSpec, data: Cor
     parts = {"parameters": 16 * params, "activations": 4 * spec.batch_size * data.seq_len * width,
              "evaluation": 4 * spec.batch_size * longest * (model_spec.vocab_size + model_spec.d_model),
              "test set": test_set}
-    need, have = sum(parts.values()), _available_bytes(device)
+    need, have = sum(parts.values()), available_bytes(device)
     if have is not None and need > have:
         gib = {k: f"{v / 2**30:.1f} GiB" for k, v in parts.items()}
         raise RunError(
