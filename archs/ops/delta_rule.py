@@ -1,0 +1,121 @@
+"""The delta rule, with an optional scalar decay per head (DeltaNet, Gated DeltaNet), in plain PyTorch.
+
+Per head, with a state ``S: (K, V)`` carried in fp32, a write strength ``β_t`` and a log-decay ``g_t <= 0``:
+
+    S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ
+    o_t = scale · S_tᵀ q_t
+
+Shapes (flash-linear-attention's layout): ``q, k: (B, T, H, K)`` (normalised by the caller, e.g. L2),
+``v: (B, T, H, V)``, ``beta: (B, T, H)``, ``g: (B, T, H)`` or None (no decay), states ``(B, H, K, V)``;
+``scale`` defaults to ``K ** -0.5``. Both functions return ``(o, final_state)``.
+
+- `delta_rule_reference`: the recurrence one token at a time (the oracle).
+- `delta_rule_chunked`: the chunkwise form of Yang et al. 2024 ("Parallelizing Linear Transformers with the
+  Delta Rule over Sequence Length"). Writing ``S_t = γ_t S_0 + Σ_{s<=t} (γ_t/γ_s) k_s u_sᵀ`` within a chunk
+  (``γ_t = exp(b_t)``, ``b`` the cumulative log-decay from the chunk's start), the pseudo-values ``u`` solve
+  the unit lower-triangular system ``(I + diag(β) L) U = diag(β) (V - diag(γ) K S_0)`` with
+  ``L_ts = (γ_t/γ_s) k_t·k_s`` for ``s < t`` (the UT transform, one ``solve_triangular`` per chunk, batched).
+  So ``U = Ũ - W S_0`` with ``Ũ, W`` known before any state: only ``W S_0`` and the state update
+  ``S_C = γ_C S_0 + Σ_s (γ_C/γ_s) k_s u_sᵀ`` run chunk after chunk; the outputs
+  ``o = diag(γ) Q S_0 + (Q Kᵀ ⊙ Γ) U`` are then one batched matmul. Every exponent is ``b_t - b_s <= 0``:
+  finite for any gate. T is padded to a multiple of the chunk with ``β = 0, g = 0`` (no write, no decay).
+  Memory is linear in T; the backward pass is autograd's through the matmuls and the triangular solve.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from archs.ops.linear_recurrence import _chunks, _compute_dtype
+
+__all__ = ["delta_rule_chunked", "delta_rule_reference"]
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
+           initial_state: Tensor | None) -> tuple[int, int, int, int, int]:
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must be (batch, seqlen, nheads, head_k_dim) and equal, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    b, t, h, kd = q.shape
+    if v.dim() != 4 or v.shape[:3] != (b, t, h):
+        raise ValueError(f"v must be (batch, seqlen, nheads, head_v_dim) = ({b}, {t}, {h}, V), got {tuple(v.shape)}")
+    if beta.shape != (b, t, h):
+        raise ValueError(f"beta must be (batch, seqlen, nheads) = {(b, t, h)}, got {tuple(beta.shape)}")
+    if g is not None and g.shape != (b, t, h):
+        raise ValueError(f"g must be (batch, seqlen, nheads) = {(b, t, h)}, got {tuple(g.shape)}")
+    vd = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (b, h, kd, vd):
+        raise ValueError(f"initial_state must be (batch, nheads, head_k_dim, head_v_dim) = {(b, h, kd, vd)}, "
+                         f"got {tuple(initial_state.shape)}")
+    return b, t, h, kd, vd
+
+
+def delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
+                         scale: float | None = None, initial_state: Tensor | None = None,
+                         output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The recurrence one step at a time (see the module docstring for shapes)."""
+    b, t, h, kd, vd = _check(q, k, v, beta, g, initial_state)
+    ct = _compute_dtype(v)
+    scale = kd ** -0.5 if scale is None else scale
+    state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
+             else initial_state.to(ct))
+    gates = [None] * t if g is None else g.to(ct).unbind(1)
+    outs = []
+    for q_t, k_t, v_t, b_t, g_t in zip(q.to(ct).unbind(1), k.to(ct).unbind(1), v.to(ct).unbind(1),
+                                       beta.to(ct).unbind(1), gates):
+        if g_t is not None:
+            state = g_t.exp()[..., None, None] * state
+        u = b_t[..., None] * (v_t - torch.einsum("bhk,bhkv->bhv", k_t, state))  # (B, H, V)
+        state = state + k_t[..., :, None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q_t * scale, state))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(b, 0, h, vd, dtype=ct)
+    return o.to(v.dtype), (state if output_final_state else None)
+
+
+def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
+                       scale: float | None = None, initial_state: Tensor | None = None,
+                       output_final_state: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+    """The chunkwise delta rule (see the module docstring); equal to `delta_rule_reference`."""
+    b, t, h, kd, vd = _check(q, k, v, beta, g, initial_state)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    ct = _compute_dtype(v)
+    scale = kd ** -0.5 if scale is None else scale
+    c = max(1, min(chunk_size, t))
+    n = -(-t // c)
+    qc, kc, vc = _chunks(q, n, c, ct) * scale, _chunks(k, n, c, ct), _chunks(v, n, c, ct)  # (B, H, N, C, *)
+    bt = _chunks(beta[..., None], n, c, ct)[..., 0]  # (B, H, N, C)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()
+    strict = causal.tril(-1)
+    if g is None:
+        between = causal.to(ct)
+        k_in, k_out, q_in, decay = kc, kc, qc, None
+    else:
+        bc = _chunks(g[..., None], n, c, ct)[..., 0].cumsum(-1)  # (B, H, N, C)
+        between = (bc[..., :, None] - bc[..., None, :]).masked_fill_(~causal, -math.inf).exp_()  # (B, H, N, C, C)
+        k_in = kc * bc.exp()[..., None]
+        k_out = kc * (bc[..., -1:] - bc).exp()[..., None]
+        q_in = qc * bc.exp()[..., None]
+        decay = bc[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
+    lower = (kc @ kc.transpose(-1, -2) * between).masked_fill_(~strict, 0.0)  # L, (B, H, N, C, C)
+    system = lower * bt[..., :, None] + torch.eye(c, dtype=ct, device=q.device)
+    rhs = torch.cat([vc, k_in], dim=-1) * bt[..., None]  # diag(β) [V | diag(γ) K]
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u_known, w = solved.split([vd, kd], dim=-1)  # Ũ (B, H, N, C, V), W (B, H, N, C, K)
+    state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
+             else initial_state.to(ct))
+    states, pseudo = [], []
+    for i in range(n):
+        states.append(state)
+        u = u_known[:, :, i] - w[:, :, i] @ state  # (B, H, C, V)
+        pseudo.append(u)
+        update = k_out[:, :, i].transpose(-1, -2) @ u
+        state = (state if decay is None else decay[:, :, i] * state) + update
+    entering, u_all = torch.stack(states, dim=2), torch.stack(pseudo, dim=2)
+    scores = (qc @ kc.transpose(-1, -2)) * between  # (B, H, N, C, C), causal incl. the diagonal
+    o = q_in @ entering + scores @ u_all  # (B, H, N, C, V)
+    o = o.movedim(1, 3).reshape(b, n * c, h, vd)[:, :t]
+    return o.to(v.dtype), (state if output_final_state else None)

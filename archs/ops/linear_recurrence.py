@@ -1,0 +1,167 @@
+"""Gated linear recurrence: the scan behind linear attention, RetNet, GLA and Based, in plain PyTorch.
+
+Per head, with a state ``S: (K, V)`` carried in fp32 and a log-decay ``g_t <= 0``:
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ        # g_t per key channel (GLA), one per head (a scalar
+    o_t = scale · S_tᵀ q_t                          # gate) or fixed per head (RetNet's γ); none: no decay
+
+Shapes (flash-linear-attention's layout): ``q, k: (B, T, H, K)``, ``v: (B, T, H, V)``; ``g``: ``(B, T, H, K)``
+(per key channel) or ``(B, T, H)`` (scalar per head and step) or None; ``g_gamma: (H,)`` a fixed log-decay per
+head; states ``(B, H, K, V)``. ``scale`` defaults to ``K ** -0.5``. Both functions return
+``(o, final_state)`` (``final_state`` None unless ``output_final_state``); ``o`` comes back in ``v.dtype``.
+
+- `linear_recurrence_reference`: the recurrence one token at a time (the oracle; per-step slices taken once
+  with ``unbind`` so autograd stays O(T)).
+- `linear_recurrence_chunked`: the sequence cut into chunks of ``chunk_size``. Within a chunk the output is a
+  masked attention with decay, done as matmuls; a state passes from chunk to chunk (``exp(b) ⊙ S``, the
+  chunk's ``kᵀ v`` added). ``b`` is the within-chunk cumulative log-decay. Every exponent is a difference
+  ``b_t - b_s`` with ``s <= t`` (so ``<= 0``), except in the *factored* form of per-key-channel gates,
+  ``(q ⊙ e^b)(k ⊙ e^-b)ᵀ``, which is used only for chunks whose total decay stays above ``exp(-80)`` (no fp32
+  overflow); other chunks take the *stable* form, the ``(C, C, K)`` decay tensor, in pieces of bounded
+  memory. Scalar and fixed decays always use the ``(C, C)`` decay matrix per head. T is padded to a multiple
+  of the chunk (padding has no input and no decay), so results do not depend on the chunk size beyond
+  rounding. Memory is linear in T; the backward pass is autograd's through these matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["linear_recurrence_chunked", "linear_recurrence_reference"]
+
+#: the factored form is used while a chunk's total per-channel decay stays above exp(-_FACTORED_SPAN)
+_FACTORED_SPAN = 80.0
+#: elements of the (C, C, K) decay tensor the stable form materialises at a time
+_STABLE_PIECE = 1 << 24
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, g_gamma: Tensor | None,
+           initial_state: Tensor | None) -> tuple[int, int, int, int, int]:
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must be (batch, seqlen, nheads, head_k_dim) and equal, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    b, t, h, kd = q.shape
+    if v.dim() != 4 or v.shape[:3] != (b, t, h):
+        raise ValueError(f"v must be (batch, seqlen, nheads, head_v_dim) = ({b}, {t}, {h}, V), got {tuple(v.shape)}")
+    if g is not None and g_gamma is not None:
+        raise ValueError("give g (data-dependent log-decay) or g_gamma (fixed per head), not both")
+    if g is not None and g.shape not in ((b, t, h), (b, t, h, kd)):
+        raise ValueError(f"g must be (batch, seqlen, nheads) or (batch, seqlen, nheads, head_k_dim) = "
+                         f"{(b, t, h)} or {(b, t, h, kd)}, got {tuple(g.shape)}")
+    if g_gamma is not None and g_gamma.shape != (h,):
+        raise ValueError(f"g_gamma must be (nheads,) = ({h},), got {tuple(g_gamma.shape)}")
+    vd = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (b, h, kd, vd):
+        raise ValueError(f"initial_state must be (batch, nheads, head_k_dim, head_v_dim) = {(b, h, kd, vd)}, "
+                         f"got {tuple(initial_state.shape)}")
+    return b, t, h, kd, vd
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def linear_recurrence_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
+                                g_gamma: Tensor | None = None, scale: float | None = None,
+                                initial_state: Tensor | None = None,
+                                output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The recurrence one step at a time (see the module docstring for shapes)."""
+    b, t, h, kd, vd = _check(q, k, v, g, g_gamma, initial_state)
+    ct = _compute_dtype(v)
+    scale = kd ** -0.5 if scale is None else scale
+    state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
+             else initial_state.to(ct))
+    fixed = None if g_gamma is None else g_gamma.to(ct).exp()[None, :, None, None]  # (1, H, 1, 1)
+    gates = [None] * t if g is None else g.to(ct).unbind(1)
+    outs = []
+    for q_t, k_t, v_t, g_t in zip(q.to(ct).unbind(1), k.to(ct).unbind(1), v.to(ct).unbind(1), gates):
+        if fixed is not None:
+            state = fixed * state
+        elif g_t is not None:
+            state = (g_t.exp()[..., None, None] if g_t.dim() == 2 else g_t.exp()[..., None]) * state
+        state = state + k_t[..., :, None] * v_t[..., None, :]  # (B, H, K, V)
+        outs.append(torch.einsum("bhk,bhkv->bhv", q_t * scale, state))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(b, 0, h, vd, dtype=ct)
+    return o.to(v.dtype), (state if output_final_state else None)
+
+
+def _chunks(x: Tensor, n: int, c: int, ct: torch.dtype) -> Tensor:
+    """``(B, T, H, *)`` -> ``(B, H, N, C, *)``, zero-padded to ``N * C`` tokens, in ``ct``."""
+    b, t, h = x.shape[:3]
+    x = x.to(ct)
+    if n * c != t:
+        x = torch.cat([x, x.new_zeros(b, n * c - t, *x.shape[2:])], dim=1)
+    return x.view(b, n, c, h, *x.shape[3:]).movedim(3, 1)
+
+
+def _stable_scores(q: Tensor, k: Tensor, bc: Tensor, causal: Tensor) -> Tensor:
+    """``A_ts = Σ_k q_tk k_sk exp(bc_tk - bc_sk)`` for ``s <= t``: ``q, k, bc: (M, C, K)`` -> ``(M, C, C)``."""
+    m, c, kd = q.shape
+    per = max(1, _STABLE_PIECE // (c * c * kd))
+    parts = []
+    for qs, ks, bs in zip(q.split(per), k.split(per), bc.split(per)):
+        diff = (bs[:, :, None, :] - bs[:, None, :, :]).masked_fill(~causal[..., None], -math.inf)  # (m, C, C, K)
+        parts.append(torch.einsum("mtk,msk,mtsk->mts", qs, ks, diff.exp()))
+    return torch.cat(parts)
+
+
+def linear_recurrence_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
+                              g_gamma: Tensor | None = None, scale: float | None = None,
+                              initial_state: Tensor | None = None, output_final_state: bool = False,
+                              chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+    """The chunked recurrence (see the module docstring); equal to `linear_recurrence_reference`."""
+    b, t, h, kd, vd = _check(q, k, v, g, g_gamma, initial_state)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    ct = _compute_dtype(v)
+    scale = kd ** -0.5 if scale is None else scale
+    c = max(1, min(chunk_size, t))
+    n = -(-t // c)
+    qc, kc, vc = _chunks(q, n, c, ct) * scale, _chunks(k, n, c, ct), _chunks(v, n, c, ct)  # (B, H, N, C, *)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()
+    decay = None  # per chunk, what the carried state is multiplied by
+    if g is None and g_gamma is None:
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (B, H, N, C, C)
+        q_in, k_out = qc, kc
+    elif g is None or g.dim() == 3:  # one decay per head and step
+        if g_gamma is not None:
+            gl = g_gamma.to(ct)[None, :, None].expand(b, h, t)
+            gl = _chunks(gl.transpose(1, 2)[..., None], n, c, ct)[..., 0]  # (B, H, N, C), padding 0
+        else:
+            gl = _chunks(g[..., None], n, c, ct)[..., 0]
+        bc = gl.cumsum(-1)  # (B, H, N, C)
+        between = (bc[..., :, None] - bc[..., None, :]).masked_fill_(~causal, -math.inf).exp_()  # (B, H, N, C, C)
+        scores = (qc @ kc.transpose(-1, -2)) * between
+        q_in = qc * bc.exp()[..., None]
+        k_out = kc * (bc[..., -1:] - bc).exp()[..., None]
+        decay = bc[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
+    else:  # one decay per key channel
+        bc = _chunks(g, n, c, ct).cumsum(-2)  # (B, H, N, C, K)
+        q_in = qc * bc.exp()
+        k_out = kc * (bc[..., -1:, :] - bc).exp()
+        decay = bc[..., -1, :].exp()[..., None]  # (B, H, N, K, 1)
+        factored = (-bc[..., -1, :]).amax(-1) <= _FACTORED_SPAN  # (B, H, N)
+        k_neg = kc * torch.where(factored[..., None, None], -bc, 0.0).exp()
+        scores = (q_in @ k_neg.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        if not bool(factored.all()):
+            where = (~factored).nonzero(as_tuple=True)
+            stable = _stable_scores(qc[where], kc[where], bc[where], causal)
+            scores = scores.index_put(where, stable)
+    updates = k_out.transpose(-1, -2) @ vc  # (B, H, N, K, V): each chunk's contribution to the state
+    state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
+             else initial_state.to(ct))
+    if decay is None:  # no decay: the states are a running sum
+        entering = torch.cat([state[:, :, None], updates[:, :, :-1]], dim=2).cumsum(2)  # (B, H, N, K, V)
+        state = entering[:, :, -1] + updates[:, :, -1]
+    else:
+        states = []
+        for i in range(n):
+            states.append(state)
+            state = decay[:, :, i] * state + updates[:, :, i]
+        entering = torch.stack(states, dim=2)  # (B, H, N, K, V)
+    o = q_in @ entering + scores @ vc  # (B, H, N, C, V)
+    o = o.movedim(1, 3).reshape(b, n * c, h, vd)[:, :t]
+    return o.to(v.dtype), (state if output_final_state else None)
