@@ -27,6 +27,12 @@ DEFAULT_LEGEND: dict[str, str] = {
     "W": "sliding_window_attention",
     "M": "mamba",
     "S": "mamba2",
+    "R": "retention",
+    "G": "gla",
+    "L": "linear_attention",
+    "B": "based",
+    "D": "deltanet",
+    "N": "gated_deltanet",
 }
 
 

@@ -65,7 +65,8 @@ def test_unknown_name_lists_known_and_suggests():
 
 
 def test_wildcards():
-    assert MIXERS.names("*attention") == ["attention", "sliding_window_attention", "xformers_attention"]
+    assert MIXERS.names("*attention") == ["attention", "linear_attention", "sliding_window_attention",
+                                          "xformers_attention"]
     assert MIXERS.names("xformers_*") == ["xformers_attention"]
     assert MIXERS.names("nothing*") == []
     assert "attention" in MIXERS and "nope" not in MIXERS

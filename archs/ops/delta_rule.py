@@ -24,12 +24,10 @@ Shapes (flash-linear-attention's layout): ``q, k: (B, T, H, K)`` (normalised by 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from archs.ops.linear_recurrence import _chunks, _compute_dtype
+from archs.ops.linear_recurrence import _chunks, _compute_dtype, scalar_decays
 
 __all__ = ["delta_rule_chunked", "delta_rule_reference"]
 
@@ -65,7 +63,7 @@ def delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tenso
     gates = [None] * t if g is None else g.to(ct).unbind(1)
     outs = []
     for q_t, k_t, v_t, b_t, g_t in zip(q.to(ct).unbind(1), k.to(ct).unbind(1), v.to(ct).unbind(1),
-                                       beta.to(ct).unbind(1), gates):
+                                       beta.to(ct).unbind(1), gates, strict=True):
         if g_t is not None:
             state = g_t.exp()[..., None, None] * state
         u = b_t[..., None] * (v_t - torch.einsum("bhk,bhkv->bhv", k_t, state))  # (B, H, V)
@@ -94,12 +92,10 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor 
         between = causal.to(ct)
         k_in, k_out, q_in, decay = kc, kc, qc, None
     else:
-        bc = _chunks(g[..., None], n, c, ct)[..., 0].cumsum(-1)  # (B, H, N, C)
-        between = (bc[..., :, None] - bc[..., None, :]).masked_fill_(~causal, -math.inf).exp_()  # (B, H, N, C, C)
-        k_in = kc * bc.exp()[..., None]
-        k_out = kc * (bc[..., -1:] - bc).exp()[..., None]
-        q_in = qc * bc.exp()[..., None]
-        decay = bc[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
+        between, to_here, to_end, whole = scalar_decays(_chunks(g[..., None], n, c, ct)[..., 0], causal)
+        k_in, q_in = kc * to_here[..., None], qc * to_here[..., None]
+        k_out = kc * to_end[..., None]
+        decay = whole[..., None, None]  # (B, H, N, 1, 1)
     lower = (kc @ kc.transpose(-1, -2) * between).masked_fill_(~strict, 0.0)  # L, (B, H, N, C, C)
     system = lower * bt[..., :, None] + torch.eye(c, dtype=ct, device=q.device)
     rhs = torch.cat([vc, k_in], dim=-1) * bt[..., None]  # diag(β) [V | diag(γ) K]

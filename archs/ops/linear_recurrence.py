@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["linear_recurrence_chunked", "linear_recurrence_reference"]
+__all__ = ["linear_recurrence_chunked", "linear_recurrence_reference", "scalar_decays"]
 
 #: the factored form is used while a chunk's total per-channel decay stays above exp(-_FACTORED_SPAN)
 _FACTORED_SPAN = 80.0
@@ -77,7 +77,7 @@ def linear_recurrence_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor | Non
     fixed = None if g_gamma is None else g_gamma.to(ct).exp()[None, :, None, None]  # (1, H, 1, 1)
     gates = [None] * t if g is None else g.to(ct).unbind(1)
     outs = []
-    for q_t, k_t, v_t, g_t in zip(q.to(ct).unbind(1), k.to(ct).unbind(1), v.to(ct).unbind(1), gates):
+    for q_t, k_t, v_t, g_t in zip(q.to(ct).unbind(1), k.to(ct).unbind(1), v.to(ct).unbind(1), gates, strict=True):
         if fixed is not None:
             state = fixed * state
         elif g_t is not None:
@@ -97,12 +97,28 @@ def _chunks(x: Tensor, n: int, c: int, ct: torch.dtype) -> Tensor:
     return x.view(b, n, c, h, *x.shape[3:]).movedim(3, 1)
 
 
+def scalar_decays(gl: Tensor, causal: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From log-decays ``gl: (..., C)`` of one chunk: ``between[t, s] = exp(Σ_{s<j<=t} g_j)`` for ``s <= t``
+    (0 above the diagonal), ``exp(b_t)`` (decay from the chunk's start), ``exp(Σ_{j>s} g_j)`` (decay to its
+    end) and the whole chunk's decay. A factor that is exactly 1 (the diagonal of ``between``, the last
+    position's decay to the end) is built without a path to ``g``: as a difference ``b_t - b_t`` its gradient
+    would be ``a - a`` summed in a different order, a rounding residue that swamps the true gradient of a
+    strong fixed decay (exp(-20) per step: true 4e-8, residue 1e-7)."""
+    bc = gl.cumsum(-1)  # (..., C)
+    c = gl.shape[-1]
+    strict = causal.tril(-1)
+    between = (bc[..., :, None] - bc[..., None, :]).masked_fill(~strict, -math.inf).exp()
+    between = between + torch.eye(c, dtype=gl.dtype, device=gl.device)
+    after = torch.cat([gl[..., 1:].flip(-1).cumsum(-1).flip(-1), gl.new_zeros(*gl.shape[:-1], 1)], dim=-1)
+    return between, bc.exp(), after.exp(), bc[..., -1].exp()
+
+
 def _stable_scores(q: Tensor, k: Tensor, bc: Tensor, causal: Tensor) -> Tensor:
     """``A_ts = Σ_k q_tk k_sk exp(bc_tk - bc_sk)`` for ``s <= t``: ``q, k, bc: (M, C, K)`` -> ``(M, C, C)``."""
     m, c, kd = q.shape
     per = max(1, _STABLE_PIECE // (c * c * kd))
     parts = []
-    for qs, ks, bs in zip(q.split(per), k.split(per), bc.split(per)):
+    for qs, ks, bs in zip(q.split(per), k.split(per), bc.split(per), strict=True):
         diff = (bs[:, :, None, :] - bs[:, None, :, :]).masked_fill(~causal[..., None], -math.inf)  # (m, C, C, K)
         parts.append(torch.einsum("mtk,msk,mtsk->mts", qs, ks, diff.exp()))
     return torch.cat(parts)
@@ -132,12 +148,11 @@ def linear_recurrence_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None 
             gl = _chunks(gl.transpose(1, 2)[..., None], n, c, ct)[..., 0]  # (B, H, N, C), padding 0
         else:
             gl = _chunks(g[..., None], n, c, ct)[..., 0]
-        bc = gl.cumsum(-1)  # (B, H, N, C)
-        between = (bc[..., :, None] - bc[..., None, :]).masked_fill_(~causal, -math.inf).exp_()  # (B, H, N, C, C)
+        between, to_here, to_end, whole = scalar_decays(gl, causal)  # (B, H, N, C, C), (B, H, N, C) ...
         scores = (qc @ kc.transpose(-1, -2)) * between
-        q_in = qc * bc.exp()[..., None]
-        k_out = kc * (bc[..., -1:] - bc).exp()[..., None]
-        decay = bc[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
+        q_in = qc * to_here[..., None]
+        k_out = kc * to_end[..., None]
+        decay = whole[..., None, None]  # (B, H, N, 1, 1)
     else:  # one decay per key channel
         bc = _chunks(g, n, c, ct).cumsum(-2)  # (B, H, N, C, K)
         q_in = qc * bc.exp()

@@ -143,3 +143,27 @@ def test_presets_build():
         assert model(torch.randint(0, 64, (1, 9))).shape == (1, 9, 64)
     with pytest.raises(SpecError, match="unknown preset 'jamb'.*did you mean 'jamba'"):
         ModelSpec.from_preset("jamb")
+
+
+LINEAR_HYBRID = small(n_layers=8, pattern="GDAMRNLB", short_conv=4, positions="rope",
+                      mixer_options={"gated_deltanet": {"head_dim": 8, "num_heads": 2},
+                                     "based": {"num_heads": 4, "num_key_value_heads": 4, "feature_dim": 4},
+                                     "retention": {"num_heads": 4}, "linear_attention": {"num_heads": 4},
+                                     "gla": {"chunk_size": 16}, "deltanet": {"chunk_size": 16}})
+
+
+@pytest.mark.parametrize("prefill", [1, 6])
+def test_linear_attention_hybrid_decodes_as_its_forward(prefill):
+    """gla, deltanet, retention, gated_deltanet, linear_attention and based between attention and mamba:
+    a prefill then one-token steps through the model's caches give the full forward's logits."""
+    assert [layer.mixer for layer in LINEAR_HYBRID.resolved_layers] == [
+        "gla", "deltanet", "attention", "mamba", "retention", "gated_deltanet", "linear_attention", "based"]
+    torch.manual_seed(0)
+    model = LanguageModel(LINEAR_HYBRID).eval()
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.init_cache(2, 40)
+        steps = [model(ids[:, :prefill], cache)]
+        steps += [model(ids[:, t: t + 1], cache) for t in range(prefill, 40)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,207 @@
+"""What the linear-attention mixers (retention, gla, linear_attention, based, deltanet, gated_deltanet) share:
+flash-linear-attention-compatible short convolutions and head norms, activations by fla's names, the
+decoding cache, and a base class that picks the backend and carries state from prefill to one-token steps.
+
+Parameter names follow fla's modules (``ShortConvolution`` is an ``nn.Conv1d`` holding ``weight: (D, 1, K)``
+and ``bias``; a head norm holds ``weight``), so state dicts move between fla's layers and ours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archs.mixers.base import Mixer, MixerCache, dtype_bytes
+from archs.ops.causal_conv import causal_conv1d
+
+__all__ = ["ACTIVATIONS", "HeadRMSNorm", "RecurrentCache", "RecurrentMixer", "ShortConvolution", "check_choice",
+           "check_positive", "l2_norm", "split_heads", "whole_dim"]
+
+#: fla's activation names (``ACT2FN``) and their torch forms
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "logsigmoid": F.logsigmoid,
+    "silu": F.silu,
+    "swish": F.silu,
+    "sqrelu": lambda x: F.relu(x).square(),
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+IMPLS = ("auto", "chunked", "reference")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_positive(opts: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(opts, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """fla's ``l2norm``: ``x / sqrt(Σ x² + eps)`` over the last dimension (in fp32, returned in x.dtype)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def split_heads(x: Tensor, head_dim: int) -> Tensor:
+    """``(B, T, H * d) -> (B, T, H, d)``."""
+    return x.unflatten(-1, (-1, head_dim))
+
+
+def whole_dim(what: str, value: float) -> int:
+    """``round(value)``, which must be (close to) an integer: a width from ``d_model * expand``."""
+    rounded = round(value)
+    if not math.isclose(value, rounded) or rounded <= 0:
+        raise ValueError(f"{what} = {value} must be a positive integer")
+    return rounded
+
+
+class ShortConvolution(nn.Conv1d):
+    """Causal depthwise convolution over ``(B, T, D)`` with an optional SiLU (fla's ``ShortConvolution``)."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
+        super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, padding=kernel_size - 1,
+                         bias=bias)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
+        return causal_conv1d(x, self.weight[:, 0], self.bias, silu=self.activation is not None)
+
+    def step(self, x: Tensor, state: Tensor) -> Tensor:
+        """The outputs for ``x: (B, T, D)`` after the inputs held in ``state: (B, D, K - 1)`` (updated)."""
+        k = self.kernel_size[0]
+        window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # (B, D, K - 1 + T)
+        if k > 1:
+            state.copy_(window[..., -(k - 1):])
+        y = F.conv1d(window, self.weight, self.bias, groups=self.groups).transpose(1, 2)  # (B, T, D)
+        return F.silu(y) if self.activation is not None else y
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the last (head) dimension in fp32, times ``weight``, optionally times ``act(gate)``: fla's
+    ``RMSNorm`` (no gate) and ``FusedRMSNormGated`` (``activation``: swish/silu or sigmoid)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 activation: str | None = None):
+        super().__init__()
+        self.hidden_size, self.eps, self.activation = hidden_size, eps, activation
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        ct = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(ct)
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.to(ct)
+        if gate is not None:
+            y = y * ACTIVATIONS[self.activation or "swish"](gate.to(ct))
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}" + (f", activation={self.activation}" if self.activation else "")
+
+
+class RecurrentCache(MixerCache):
+    """Decoding state: the recurrent state per head ``(B, H, K, V)`` (fp32) and the short convolutions' last
+    ``K - 1`` inputs, by name."""
+
+    def __init__(self, state: Tensor, convs: dict[str, Tensor]):
+        self.state = state
+        self.convs = convs
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [self.state, *self.convs.values()]
+
+
+class RecurrentMixer(Mixer):
+    """Base of the linear-attention mixers: backends ``chunked`` and ``reference``, a `RecurrentCache`, and
+    ``forward``/``step`` through one ``_mix(x, cache)``.
+
+    A subclass defines ``_mix`` (calling ``self._scan`` for its op), ``_state_shape()`` (``(H, K, V)`` of the
+    recurrent state), ``_conv_dims()`` (name → channels of each short convolution) and ``flops_per_token``.
+    """
+
+    def _impl(self) -> str:
+        return self.opts.impl
+
+    @classmethod
+    def available_backends(cls) -> dict[str, str]:
+        return {"chunked": "yes", "reference": "yes"}
+
+    def _backend(self) -> str:
+        return "reference" if self._impl() == "reference" else "chunked"
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
+        self._ran(self._backend())
+        return self._mix(x, None)
+
+    def _mix(self, x: Tensor, cache: RecurrentCache | None) -> Tensor:
+        raise NotImplementedError
+
+    def _scan(self, chunked: Callable[..., tuple[Tensor, Tensor | None]],
+              reference: Callable[..., tuple[Tensor, Tensor | None]], cache: RecurrentCache | None,
+              *args: Any, **kwargs: Any) -> Tensor:
+        """Run the op (chunked or reference) from the cache's state, updating it; or from zero."""
+        if cache is None:
+            fn = reference if self._backend() == "reference" else chunked
+            if fn is chunked:
+                kwargs["chunk_size"] = self.opts.chunk_size
+            return fn(*args, **kwargs)[0]
+        single = args[0].shape[1] == 1
+        fn = reference if single or self._backend() == "reference" else chunked
+        if fn is chunked:
+            kwargs["chunk_size"] = self.opts.chunk_size
+        o, final = fn(*args, initial_state=cache.state, output_final_state=True, **kwargs)
+        cache.state.copy_(final)
+        return o
+
+    def _conv(self, name: str, x: Tensor, cache: RecurrentCache | None) -> Tensor:
+        conv: ShortConvolution = getattr(self, name)
+        return conv(x) if cache is None else conv.step(x, cache.convs[name])
+
+    # decoding ------------------------------------------------------------------------------------------
+    def _state_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def _conv_dims(self) -> dict[str, int]:
+        return {}
+
+    def _conv_size(self) -> int:
+        return getattr(self.opts, "conv_size", 1)
+
+    def init_cache(self, batch_size: int, max_len: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> RecurrentCache:
+        device = device if device is not None else next(self.parameters()).device
+        dtype = self._dtype(dtype)
+        state = torch.zeros(batch_size, *self._state_shape(), device=device,
+                            dtype=torch.promote_types(dtype, torch.float32))
+        convs = {name: torch.zeros(batch_size, dim, self._conv_size() - 1, device=device, dtype=dtype)
+                 for name, dim in self._conv_dims().items()}
+        return RecurrentCache(state, convs)
+
+    def step(self, x: Tensor, cache: MixerCache) -> Tensor:
+        if not isinstance(cache, RecurrentCache):
+            raise TypeError(f"{self.mixer_name}.step needs its RecurrentCache (from init_cache), "
+                            f"got {type(cache).__name__}")
+        y = self._mix(x, cache)
+        cache.length += x.shape[1]
+        return y
+
+    def state_bytes(self, seq_len: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
+        dtype = self._dtype(dtype)
+        h, k, v = self._state_shape()
+        state = batch_size * h * k * v * dtype_bytes(torch.promote_types(dtype, torch.float32))
+        convs = sum(batch_size * d * (self._conv_size() - 1) for d in self._conv_dims().values())
+        return state + convs * dtype_bytes(dtype)
