@@ -103,15 +103,18 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor 
     u_known, w = solved.split([vd, kd], dim=-1)  # Ũ (B, H, N, C, V), W (B, H, N, C, K)
     state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
              else initial_state.to(ct))
-    states, pseudo = [], []
-    for i in range(n):
-        states.append(state)
-        u = u_known[:, :, i] - w[:, :, i] @ state  # (B, H, C, V)
-        pseudo.append(u)
-        update = k_out[:, :, i].transpose(-1, -2) @ u
-        state = (state if decay is None else decay[:, :, i] * state) + update
-    entering, u_all = torch.stack(states, dim=2), torch.stack(pseudo, dim=2)
     scores = (qc @ kc.transpose(-1, -2)) * between  # (B, H, N, C, C), causal incl. the diagonal
-    o = q_in @ entering + scores @ u_all  # (B, H, N, C, V)
+    # chunk after chunk: the pseudo-values, the outputs and the state. Per-chunk slices are taken once
+    # (indexing inside the loop would make autograd build a full-size zero gradient for every chunk), and the
+    # outputs are made here rather than from a stack of every entering state (one (K, V) state per chunk kept
+    # once, for autograd, instead of twice).
+    outs = []
+    decays = [None] * n if decay is None else decay.unbind(2)
+    for u_c, w_c, k_c, q_c, s_c, d_c in zip(u_known.unbind(2), w.unbind(2), k_out.transpose(-1, -2).unbind(2),
+                                            q_in.unbind(2), scores.unbind(2), decays, strict=True):
+        u = u_c - w_c @ state  # (B, H, C, V)
+        outs.append(q_c @ state + s_c @ u)
+        state = (state if d_c is None else d_c * state) + k_c @ u
+    o = torch.stack(outs, dim=2)  # (B, H, N, C, V)
     o = o.movedim(1, 3).reshape(b, n * c, h, vd)[:, :t]
     return o.to(v.dtype), (state if output_final_state else None)

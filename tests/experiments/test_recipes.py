@@ -28,3 +28,21 @@ def test_reproduce_smoke(name, tmp_path, capsys):
     # rerunning the finished study resumes it: nothing runs again
     assert main(["study", "run", name, "--scale", "smoke", "--out", str(out), "--no-progress"]) == 0
     assert "smoke: " + str(cells) + " complete" in capsys.readouterr().out
+
+
+def test_the_linear_attention_family_in_a_search_space():
+    """The six linear-attention mixers, by name and by pattern letter, are choices of a study's space; the
+    recipe check builds every grid cell (so an option that does not fit d_model fails here, naming the cell)."""
+    family = ["retention", "gla", "linear_attention", "based", "deltanet", "gated_deltanet"]
+    raw = {"name": "family", "sampler": {"kind": "grid"},
+           "base": {"model": {"d_model": 48, "n_layers": 2},
+                    "train": {"steps": 2, "batch_size": 2, "seq_len": 32}},
+           "space": {"model.mixer": family}}
+    recipe = Recipe.from_dict(raw)
+    assert [dict(c)["model.mixer"] for c in recipe.configs_to_validate()] == family
+    raw["space"] = {"model.pattern": ["GDA", "RNLB", "GM"]}
+    assert len(list(Recipe.from_dict(raw).configs_to_validate())) == 3
+    raw["base"]["model"]["mixer_options"] = {"gated_deltanet": {"head_dim": 16, "num_heads": 2, "num_v_heads": 3}}
+    raw["space"] = {"model.pattern": ["AN"]}
+    with pytest.raises(Exception, match="num_v_heads"):
+        Recipe.from_dict(raw)

@@ -120,3 +120,28 @@ def test_decoding_equals_forward(name, options, prefill):
     outs += [m.step(x[:, t: t + 1], cache) for t in range(prefill, 45)]
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
     assert cache.nbytes() == m.state_bytes(45, batch_size=B) == m.state_bytes(10_000, batch_size=B)
+
+
+FLA_CHUNKED = {"DeltaNet": ("deltanet", {}), "GatedDeltaNet": ("gated_deltanet", {"head_dim": 16, "num_heads": 3}),
+               "LinearAttention": ("linear_attention", {}), "MultiScaleRetention": ("retention", {}),
+               "BasedLinearAttention": ("based", {})}
+
+
+@pytest.mark.parametrize("layer", sorted(FLA_CHUNKED))
+def test_fla_chunked_references_agree(monkeypatch, layer):
+    """fla's naive chunked forms (the benchmark's `fla/chunk` peers) compute what our mixers compute."""
+    pytest.importorskip("fla.layers")
+    from benchmarks.fla_cpu import CHUNKED_LAYERS, install
+
+    assert layer in CHUNKED_LAYERS
+    fla = install(monkeypatch.setattr, monkeypatch.setitem, ops="chunk")
+    name, options = FLA_CHUNKED[layer]
+    torch.manual_seed(0)
+    theirs = getattr(fla, layer)(hidden_size=D, **options)
+    ours = MIXERS.create(name, d_model=D, **options)
+    _perturb(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 256, D)
+    with torch.no_grad():
+        y = theirs(x)
+        assert_rms_close(ours(x), y[0] if isinstance(y, tuple) else y, f"{name} vs fla's chunked {layer}", tol=1e-4)
