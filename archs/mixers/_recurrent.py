@@ -20,7 +20,7 @@ from archs.mixers.base import Mixer, MixerCache, dtype_bytes
 from archs.ops.causal_conv import causal_conv1d
 
 __all__ = ["ACTIVATIONS", "HeadRMSNorm", "RecurrentCache", "RecurrentMixer", "ShortConvolution", "check_choice",
-           "check_positive", "l2_norm", "split_heads", "whole_dim"]
+           "check_kv_heads", "check_positive", "l2_norm", "split_heads", "whole_dim"]
 
 #: fla's activation names (``ACT2FN``) and their torch forms
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -46,6 +46,14 @@ def check_positive(opts: Any, *names: str) -> None:
         value = getattr(opts, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_kv_heads(opts: Any) -> None:
+    """``num_kv_heads`` (None: one per head) must divide ``num_heads``."""
+    if opts.num_kv_heads is not None:
+        check_positive(opts, "num_kv_heads")
+        if opts.num_heads % opts.num_kv_heads:
+            raise ValueError(f"num_kv_heads={opts.num_kv_heads} must divide num_heads={opts.num_heads}")
 
 
 def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -130,8 +138,76 @@ class RecurrentMixer(Mixer):
     ``forward``/``step`` through one ``_mix(x, cache)``.
 
     A subclass defines ``_mix`` (calling ``self._scan`` for its op), ``_state_shape()`` (``(H, K, V)`` of the
-    recurrent state), ``_conv_dims()`` (name → channels of each short convolution) and ``flops_per_token``.
+    recurrent state) and ``flops_per_token``; the helpers below build and run what fla's layers share (their
+    width arithmetic, the q/k/v short convolutions, the per-head output norm and gate).
     """
+
+    _conv_channels: dict[str, int] = {}
+
+    # what fla's layers share -------------------------------------------------------------------------
+    def _set_widths(self, expand_k: float, expand_v: float, num_heads: int, num_kv_heads: int | None = None) -> None:
+        """fla's widths: ``key_dim = d_model * expand_k`` and ``value_dim = d_model * expand_v`` split over
+        ``num_heads``; keys and values over ``num_kv_heads``, each shared by ``num_kv_groups`` heads."""
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.num_kv_groups = num_heads // self.num_kv_heads
+        self.key_dim = whole_dim("d_model * expand_k", self.d_model * expand_k)
+        self.value_dim = whole_dim("d_model * expand_v", self.d_model * expand_v)
+        for what, dim in (("key", self.key_dim), ("value", self.value_dim)):
+            if dim % num_heads:
+                raise ValueError(f"the {what} width {dim} (d_model * expand_{what[0]}) must be divisible by "
+                                 f"num_heads={num_heads}")
+        self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
+        self.kv_key_dim = self.key_dim // self.num_kv_groups
+        self.kv_value_dim = self.value_dim // self.num_kv_groups
+
+    def _kv_heads(self, x: Tensor, head_dim: int) -> Tensor:
+        """``(B, T, H_kv * d) -> (B, T, H, d)``: key/value head ``i`` serves heads ``i * groups ...``."""
+        x = split_heads(x, head_dim)
+        return x.repeat_interleave(self.num_kv_groups, dim=2) if self.num_kv_groups > 1 else x
+
+    def _add_short_convs(self, q_dim: int, k_dim: int, v_dim: int, size: int, bias: bool,
+                         qk_activation: str | None = "silu") -> None:
+        """fla's ``q_conv1d``, ``k_conv1d``, ``v_conv1d`` (v's always with SiLU)."""
+        self.q_conv1d = ShortConvolution(q_dim, size, bias=bias, activation=qk_activation)
+        self.k_conv1d = ShortConvolution(k_dim, size, bias=bias, activation=qk_activation)
+        self.v_conv1d = ShortConvolution(v_dim, size, bias=bias)
+        self._conv_channels = {"q_conv1d": q_dim, "k_conv1d": k_dim, "v_conv1d": v_dim}
+
+    def _short_convs(self, q: Tensor, k: Tensor, v: Tensor, cache: RecurrentCache | None) -> tuple[Tensor, ...]:
+        return tuple(self._conv(name, t, cache) for name, t in zip(self._conv_channels, (q, k, v), strict=True))
+
+    def _add_output_norm(self, use_output_gate: bool, gate_fn: str, fuse_norm: bool, eps: float,
+                         elementwise_affine: bool) -> None:
+        """fla's per-head output norm: ``g_norm_swish_gate`` (RMSNorm times swish of the gate) when the gate is
+        swish and fused, else ``g_norm`` (then times ``gate_fn`` of the gate, if any)."""
+        self.fuse_norm_and_gate = gate_fn == "swish" and fuse_norm and use_output_gate
+        norm = HeadRMSNorm(self.head_v_dim, eps, elementwise_affine,
+                           activation="swish" if self.fuse_norm_and_gate else None)
+        if self.fuse_norm_and_gate:
+            self.g_norm_swish_gate = norm
+        else:
+            self.g_norm = norm
+
+    def _gated_output(self, y: Tensor, x: Tensor, use_output_gate: bool, gate_fn: str) -> Tensor:
+        """Per-head norm and output gate of ``y: (B, T, H, d_v)``, flattened to ``(B, T, H * d_v)``."""
+        if not use_output_gate:
+            return self.g_norm(y).flatten(-2)
+        g = self.g_proj(x)
+        if self.fuse_norm_and_gate:
+            return self.g_norm_swish_gate(y, split_heads(g, self.head_v_dim)).flatten(-2)
+        return self.g_norm(y).flatten(-2) * ACTIVATIONS[gate_fn](g)
+
+    def _projection_flops(self) -> int:
+        """Forward FLOPs per token of every ``nn.Linear`` and short convolution in the layer."""
+        proj = sum(2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        return proj + sum(2 * m.weight.numel() for m in self.modules() if isinstance(m, ShortConvolution))
+
+    def _recurrence_flops(self, seq_len: int, h: int, dk: int, dv: int) -> int:
+        """`_projection_flops`, and a chunked linear recurrence over ``h`` heads of ``dk × dv`` (``q kᵀ``,
+        scores · v, the state in and out; chunk ``min(chunk_size, seq_len)``, counted dense)."""
+        c = max(1, min(self.opts.chunk_size, seq_len))
+        return int(self._projection_flops() + h * (2 * c * dk + 2 * c * dv + 2 * dk * dv * 2))
 
     def _impl(self) -> str:
         return self.opts.impl
@@ -176,7 +252,7 @@ class RecurrentMixer(Mixer):
         raise NotImplementedError
 
     def _conv_dims(self) -> dict[str, int]:
-        return {}
+        return dict(self._conv_channels)
 
     def _conv_size(self) -> int:
         return getattr(self.opts, "conv_size", 1)

@@ -98,9 +98,6 @@ class Based(RecurrentMixer):
         return self.o_proj(y.flatten(-2).to(x.dtype))  # (B, T, D)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Projections, the feature map, and the chunked recurrence (chunk ``min(chunk_size, seq_len)``)."""
-        c = max(1, min(self.opts.chunk_size, seq_len))
-        h, dk, dv, d = self.num_heads, self.expanded_dim, self.head_v_dim + 1, self.d_model
-        proj = 2 * d * (2 * h * self.head_k_dim + 2 * h * self.head_v_dim)
-        scan = h * (2 * c * dk + 2 * c * dv + 2 * dk * dv * 2)
-        return int(proj + 2 * h * 2 * dk + scan)
+        """Projections, and the chunked recurrence over the expanded features (chunk ``min(chunk_size,
+        seq_len)``); the feature map's products not counted."""
+        return self._recurrence_flops(seq_len, self.num_heads, self.expanded_dim, self.head_v_dim + 1)

@@ -26,12 +26,10 @@ from archs.mixers._recurrent import (
     HeadRMSNorm,
     RecurrentCache,
     RecurrentMixer,
-    ShortConvolution,
     check_choice,
     check_positive,
     l2_norm,
     split_heads,
-    whole_dim,
 )
 from archs.ops.delta_rule import delta_rule_chunked, delta_rule_reference
 from registry import register_mixer
@@ -76,14 +74,8 @@ class DeltaNet(RecurrentMixer):
     def __init__(self, d_model: int, layer_idx: int = 0, **options: Any):
         super().__init__(d_model, layer_idx)
         self.opts = o = self.Options(**options)
-        self.num_heads = h = o.num_heads
-        self.key_dim = whole_dim("d_model * expand_k", d_model * o.expand_k)
-        self.value_dim = whole_dim("d_model * expand_v", d_model * o.expand_v)
-        for what, dim in (("key", self.key_dim), ("value", self.value_dim)):
-            if dim % h:
-                raise ValueError(f"the {what} width {dim} (d_model * expand_{what[0]}) must be divisible by "
-                                 f"num_heads={h}")
-        self.head_k_dim, self.head_v_dim = self.key_dim // h, self.value_dim // h
+        self._set_widths(o.expand_k, o.expand_v, o.num_heads)
+        h = self.num_heads
         # construction order follows fla, so that one seed gives the same parameters there and here
         self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d_model, self.key_dim, bias=False)
@@ -91,21 +83,14 @@ class DeltaNet(RecurrentMixer):
         if o.use_beta:
             self.b_proj = nn.Linear(d_model, h, bias=False)
         if o.use_short_conv:
-            qk_act = "silu" if o.qk_activation == "silu" else None
-            self.q_conv1d = ShortConvolution(self.key_dim, o.conv_size, bias=o.conv_bias, activation=qk_act)
-            self.k_conv1d = ShortConvolution(self.key_dim, o.conv_size, bias=o.conv_bias, activation=qk_act)
-            self.v_conv1d = ShortConvolution(self.value_dim, o.conv_size, bias=o.conv_bias)
+            self._add_short_convs(self.key_dim, self.key_dim, self.value_dim, o.conv_size, o.conv_bias,
+                                  qk_activation="silu" if o.qk_activation == "silu" else None)
         if o.use_gate:
             self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
             self.o_norm = HeadRMSNorm(self.head_v_dim, o.norm_eps, activation="swish")
         else:
             self.o_norm = HeadRMSNorm(self.head_v_dim, o.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
-
-    def _conv_dims(self) -> dict[str, int]:
-        if not self.opts.use_short_conv:
-            return {}
-        return {"q_conv1d": self.key_dim, "k_conv1d": self.key_dim, "v_conv1d": self.value_dim}
 
     def _state_shape(self) -> tuple[int, int, int]:
         return self.num_heads, self.head_k_dim, self.head_v_dim
@@ -114,7 +99,7 @@ class DeltaNet(RecurrentMixer):
         o = self.opts
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if o.use_short_conv:
-            q, k, v = (self._conv(name, t, cache) for name, t in (("q_conv1d", q), ("k_conv1d", k), ("v_conv1d", v)))
+            q, k, v = self._short_convs(q, k, v, cache)
         else:
             if o.qk_activation == "silu":
                 q, k = F.silu(q), F.silu(k)
@@ -131,19 +116,23 @@ class DeltaNet(RecurrentMixer):
         if o.allow_neg_eigval:
             beta = beta * 2.0
         y = self._scan(delta_rule_chunked, delta_rule_reference, cache, q, k, v, beta)
-        y = self.o_norm(y, split_heads(self.g_proj(x), self.head_v_dim)) if o.use_gate else self.o_norm(y)
-        return self.o_proj(y.flatten(-2))  # (B, T, D)
+        return normed_output(self, y, x)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Projections and convolutions, and the chunked delta rule (chunk ``min(chunk_size, seq_len)``)."""
         return delta_flops(self, seq_len, self.num_heads, self.head_k_dim, self.head_v_dim)
 
 
+def normed_output(m: RecurrentMixer, y: Tensor, x: Tensor) -> Tensor:
+    """A delta-rule layer's output: ``o_norm`` per head (gated by ``g_proj(x)`` with ``use_gate``), then
+    ``o_proj``."""
+    y = m.o_norm(y, split_heads(m.g_proj(x), m.head_v_dim)) if m.opts.use_gate else m.o_norm(y)
+    return m.o_proj(y.flatten(-2))  # (B, T, D)
+
+
 def delta_flops(m: RecurrentMixer, seq_len: int, h: int, dk: int, dv: int) -> int:
     """Forward FLOPs per token of a delta-rule mixer: every ``nn.Linear`` and short convolution in it, and the
     chunkwise algorithm (``K Kᵀ``, the triangular solve, ``W S``, the state update, ``Q Kᵀ`` and the output)."""
     c = max(1, min(m.opts.chunk_size, seq_len))
-    proj = sum(2 * mod.in_features * mod.out_features for mod in m.modules() if isinstance(mod, nn.Linear))
-    conv = sum(2 * mod.weight.numel() for mod in m.modules() if isinstance(mod, ShortConvolution))
     scan = h * (2 * c * dk + c * (dv + dk) + 2 * dk * dv + 2 * dk * dv + 2 * c * dk + 2 * c * dv + 2 * dk * dv)
-    return int(proj + conv + scan)
+    return int(m._projection_flops() + scan)

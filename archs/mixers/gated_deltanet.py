@@ -29,13 +29,12 @@ from archs.mixers._recurrent import (
     HeadRMSNorm,
     RecurrentCache,
     RecurrentMixer,
-    ShortConvolution,
     check_choice,
     check_positive,
     l2_norm,
     split_heads,
 )
-from archs.mixers.deltanet import delta_flops
+from archs.mixers.deltanet import delta_flops, normed_output
 from archs.ops.delta_rule import delta_rule_chunked, delta_rule_reference
 from registry import register_mixer
 
@@ -103,20 +102,13 @@ class GatedDeltaNet(RecurrentMixer):
         for p in (self.A_log, self.dt_bias):
             p._no_weight_decay = True  # type: ignore[attr-defined]
         if o.use_short_conv:
-            self.q_conv1d = ShortConvolution(self.key_dim, o.conv_size, bias=o.conv_bias)
-            self.k_conv1d = ShortConvolution(self.key_dim, o.conv_size, bias=o.conv_bias)
-            self.v_conv1d = ShortConvolution(self.value_dim, o.conv_size, bias=o.conv_bias)
+            self._add_short_convs(self.key_dim, self.key_dim, self.value_dim, o.conv_size, o.conv_bias)
         if o.use_gate:
             self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
             self.o_norm = HeadRMSNorm(self.head_v_dim, o.norm_eps, activation=o.output_gate_activation)
         else:
             self.o_norm = HeadRMSNorm(self.head_v_dim, o.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
-
-    def _conv_dims(self) -> dict[str, int]:
-        if not self.opts.use_short_conv:
-            return {}
-        return {"q_conv1d": self.key_dim, "k_conv1d": self.key_dim, "v_conv1d": self.value_dim}
 
     def _state_shape(self) -> tuple[int, int, int]:
         return self.num_v_heads, self.head_k_dim, self.head_v_dim
@@ -125,7 +117,7 @@ class GatedDeltaNet(RecurrentMixer):
         o = self.opts
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if o.use_short_conv:
-            q, k, v = (self._conv(name, t, cache) for name, t in (("q_conv1d", q), ("k_conv1d", k), ("v_conv1d", v)))
+            q, k, v = self._short_convs(q, k, v, cache)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k = l2_norm(split_heads(q, self.head_k_dim)), l2_norm(split_heads(k, self.head_k_dim))  # (B, T, H, d_k)
@@ -139,8 +131,7 @@ class GatedDeltaNet(RecurrentMixer):
         if o.allow_neg_eigval:
             beta = beta * 2.0
         y = self._scan(delta_rule_chunked, delta_rule_reference, cache, q, k, v, beta, g)
-        y = self.o_norm(y, split_heads(self.g_proj(x), self.head_v_dim)) if o.use_gate else self.o_norm(y)
-        return self.o_proj(y.flatten(-2))  # (B, T, D)
+        return normed_output(self, y, x)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Projections and convolutions, and the chunked delta rule (chunk ``min(chunk_size, seq_len)``)."""

@@ -28,9 +28,9 @@ from archs.mixers._recurrent import (
     RecurrentCache,
     RecurrentMixer,
     check_choice,
+    check_kv_heads,
     check_positive,
     split_heads,
-    whole_dim,
 )
 from archs.ops.linear_recurrence import linear_recurrence_chunked, linear_recurrence_reference
 from registry import register_mixer
@@ -115,10 +115,7 @@ class LinearAttentionOptions:
 
     def __post_init__(self) -> None:
         check_positive(self, "num_heads", "chunk_size")
-        if self.num_kv_heads is not None:
-            check_positive(self, "num_kv_heads")
-            if self.num_heads % self.num_kv_heads:
-                raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        check_kv_heads(self)
         check_choice("feature_map", self.feature_map, FEATURE_MAPS)
         check_choice("output_norm", self.output_norm, ("rmsnorm", "identity"))
         check_choice("impl", self.impl, IMPLS)
@@ -133,16 +130,7 @@ class LinearAttention(RecurrentMixer):
     def __init__(self, d_model: int, layer_idx: int = 0, **options: Any):
         super().__init__(d_model, layer_idx)
         self.opts = o = self.Options(**options)
-        self.num_heads = h = o.num_heads
-        self.num_kv_heads = o.num_kv_heads or h
-        self.num_kv_groups = h // self.num_kv_heads
-        self.key_dim = whole_dim("d_model * expand_k", d_model * o.expand_k)
-        self.value_dim = whole_dim("d_model * expand_v", d_model * o.expand_v)
-        for what, dim in (("key", self.key_dim), ("value", self.value_dim)):
-            if dim % h:
-                raise ValueError(f"the {what} width {dim} (d_model * expand_{what[0]}) must be divisible by "
-                                 f"num_heads={h}")
-        self.head_k_dim, self.head_v_dim = self.key_dim // h, self.value_dim // h
+        self._set_widths(o.expand_k, o.expand_v, o.num_heads, o.num_kv_heads)
         self.feature_dim = {"hedgehog": 2, "dpfp": 8}.get(o.feature_map, 1) * self.head_k_dim
         # construction order follows fla, so that one seed gives the same parameters there and here
         self.feature_map_q = _feature_map(o.feature_map, self.head_k_dim)
@@ -151,8 +139,8 @@ class LinearAttention(RecurrentMixer):
         else:
             self.feature_map_k = _feature_map(o.feature_map, self.head_k_dim)
         self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, self.key_dim // self.num_kv_groups, bias=False)
-        self.v_proj = nn.Linear(d_model, self.value_dim // self.num_kv_groups, bias=False)
+        self.k_proj = nn.Linear(d_model, self.kv_key_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, self.kv_value_dim, bias=False)
         self.norm = (HeadRMSNorm(self.head_v_dim, o.norm_eps, o.elementwise_affine) if o.output_norm == "rmsnorm"
                      else nn.Identity())
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
@@ -163,9 +151,7 @@ class LinearAttention(RecurrentMixer):
     def _mix(self, x: Tensor, cache: RecurrentCache | None) -> Tensor:
         o = self.opts
         q = split_heads(self.q_proj(x), self.head_k_dim)  # (B, T, H, d_k)
-        k, v = split_heads(self.k_proj(x), self.head_k_dim), split_heads(self.v_proj(x), self.head_v_dim)
-        if self.num_kv_groups > 1:
-            k, v = (t.repeat_interleave(self.num_kv_groups, dim=2) for t in (k, v))
+        k, v = self._kv_heads(self.k_proj(x), self.head_k_dim), self._kv_heads(self.v_proj(x), self.head_v_dim)
         q, k = self.feature_map_q(q), self.feature_map_k(k)  # (B, T, H, d_φ)
         if o.norm_q:
             q = q / (q.sum(-1, keepdim=True) + 1e-4)
@@ -179,11 +165,6 @@ class LinearAttention(RecurrentMixer):
         return self.o_proj(self.norm(y).flatten(-2))  # (B, T, D)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Projections and feature maps, and the chunked recurrence (chunk ``min(chunk_size, seq_len)``)."""
-        c = max(1, min(self.opts.chunk_size, seq_len))
-        h, dk, dv, d = self.num_heads, self.feature_dim, self.head_v_dim, self.d_model
-        proj = sum(2 * d * m.out_features for m in (self.q_proj, self.k_proj, self.v_proj)) + 2 * self.value_dim * d
-        learned = {"elementwise_product": 4, "hedgehog": 1, "t2r": 1}.get(self.opts.feature_map, 0)
-        maps = 2 * h * learned * 2 * self.head_k_dim * self.head_k_dim  # q's and k's
-        scan = h * (2 * c * dk + 2 * c * dv + 2 * dk * dv * 2)
-        return int(proj + maps + scan)
+        """Projections and learned feature maps, and the chunked recurrence (chunk ``min(chunk_size, seq_len)``)."""
+        extra = int(self.opts.do_feature_map_norm)
+        return self._recurrence_flops(seq_len, self.num_heads, self.feature_dim, self.head_v_dim + extra)

@@ -22,14 +22,12 @@ from torch import Tensor, nn
 from archs.mixers._recurrent import (
     ACTIVATIONS,
     IMPLS,
-    HeadRMSNorm,
     RecurrentCache,
     RecurrentMixer,
-    ShortConvolution,
     check_choice,
+    check_kv_heads,
     check_positive,
     split_heads,
-    whole_dim,
 )
 from archs.ops.linear_recurrence import linear_recurrence_chunked, linear_recurrence_reference
 from archs.positions import Rotary, apply_rope
@@ -65,15 +63,11 @@ class RetentionOptions:
 
     def __post_init__(self) -> None:
         check_positive(self, "num_heads", "conv_size", "chunk_size")
-        if self.num_kv_heads is not None:
-            check_positive(self, "num_kv_heads")
-            if self.num_heads % self.num_kv_heads:
-                raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        check_kv_heads(self)
         if self.feature_map is not None:
             check_choice("feature_map", self.feature_map, tuple(ACTIVATIONS))
         check_choice("gate_fn", self.gate_fn, tuple(ACTIVATIONS))
         check_choice("impl", self.impl, IMPLS)
-
 
 
 @register_mixer("retention")
@@ -85,46 +79,22 @@ class Retention(RecurrentMixer):
     def __init__(self, d_model: int, layer_idx: int = 0, **options: Any):
         super().__init__(d_model, layer_idx)
         self.opts = o = self.Options(**options)
-        self.num_heads = h = o.num_heads
-        self.num_kv_heads = o.num_kv_heads or h
-        self.num_kv_groups = h // self.num_kv_heads
-        self.key_dim = whole_dim("d_model * expand_k", d_model * o.expand_k)
-        self.value_dim = whole_dim("d_model * expand_v", d_model * o.expand_v)
-        for what, dim in (("key", self.key_dim), ("value", self.value_dim)):
-            if dim % h:
-                raise ValueError(f"the {what} width {dim} (d_model * expand_{what[0]}) must be divisible by "
-                                 f"num_heads={h}")
-        self.head_k_dim, self.head_v_dim = self.key_dim // h, self.value_dim // h
+        self._set_widths(o.expand_k, o.expand_v, o.num_heads, o.num_kv_heads)
         if self.head_k_dim % 2:
             raise ValueError(f"rotary positions need an even key head width, got d_model * expand_k / num_heads "
                              f"= {self.head_k_dim}")
-        kd_g, vd_g = self.key_dim // self.num_kv_groups, self.value_dim // self.num_kv_groups
         # construction order follows fla, so that one seed gives the same parameters there and here
         self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, kd_g, bias=False)
-        self.v_proj = nn.Linear(d_model, vd_g, bias=False)
+        self.k_proj = nn.Linear(d_model, self.kv_key_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, self.kv_value_dim, bias=False)
         if o.use_output_gate:
             self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
         if o.use_short_conv:
-            self.q_conv1d = ShortConvolution(self.key_dim, o.conv_size, bias=o.conv_bias)
-            self.k_conv1d = ShortConvolution(kd_g, o.conv_size, bias=o.conv_bias)
-            self.v_conv1d = ShortConvolution(vd_g, o.conv_size, bias=o.conv_bias)
+            self._add_short_convs(self.key_dim, self.kv_key_dim, self.kv_value_dim, o.conv_size, o.conv_bias)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
-        self.fuse_norm_and_gate = o.gate_fn == "swish" and o.fuse_norm and o.use_output_gate
-        norm = HeadRMSNorm(self.head_v_dim, o.norm_eps, o.elementwise_affine,
-                           activation="swish" if self.fuse_norm_and_gate else None)
-        if self.fuse_norm_and_gate:
-            self.g_norm_swish_gate = norm
-        else:
-            self.g_norm = norm
+        self._add_output_norm(o.use_output_gate, o.gate_fn, o.fuse_norm, o.norm_eps, o.elementwise_affine)
         self.rotary = Rotary(self.head_k_dim)
-        self.register_buffer("log_decay", retention_log_decays(h), persistent=False)
-
-    def _conv_dims(self) -> dict[str, int]:
-        if not self.opts.use_short_conv:
-            return {}
-        kd_g, vd_g = self.key_dim // self.num_kv_groups, self.value_dim // self.num_kv_groups
-        return {"q_conv1d": self.key_dim, "k_conv1d": kd_g, "v_conv1d": vd_g}
+        self.register_buffer("log_decay", retention_log_decays(self.num_heads), persistent=False)
 
     def _state_shape(self) -> tuple[int, int, int]:
         return self.num_heads, self.head_k_dim, self.head_v_dim
@@ -133,7 +103,7 @@ class Retention(RecurrentMixer):
         o = self.opts
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if o.use_short_conv:
-            q, k, v = (self._conv(name, t, cache) for name, t in (("q_conv1d", q), ("k_conv1d", k), ("v_conv1d", v)))
+            q, k, v = self._short_convs(q, k, v, cache)
         q, k = split_heads(q, self.head_k_dim), split_heads(k, self.head_k_dim)  # (B, T, H[_kv], d_k)
         if o.feature_map is not None:
             q, k = ACTIVATIONS[o.feature_map](q), ACTIVATIONS[o.feature_map](k)
@@ -141,26 +111,13 @@ class Retention(RecurrentMixer):
         cos, sin = self.rotary(x.shape[1], offset, x.device, torch.float32)  # (T, d_k)
         q = apply_rope(q.float(), cos[:, None], sin[:, None]).to(q.dtype)
         k = apply_rope(k.float(), cos[:, None], sin[:, None]).to(k.dtype)
-        v = split_heads(v, self.head_v_dim)
-        if self.num_kv_groups > 1:
-            k, v = (t.repeat_interleave(self.num_kv_groups, dim=2) for t in (k, v))
+        if self.num_kv_groups > 1:  # keys rotated before they are shared, as fla does
+            k = k.repeat_interleave(self.num_kv_groups, dim=2)
+        v = self._kv_heads(v, self.head_v_dim)
         y = self._scan(linear_recurrence_chunked, linear_recurrence_reference, cache, q, k, v,
                        g_gamma=self.log_decay)
-        if o.use_output_gate:
-            g = self.g_proj(x)
-            if self.fuse_norm_and_gate:
-                y = self.g_norm_swish_gate(y, split_heads(g, self.head_v_dim)).flatten(-2)
-            else:
-                y = self.g_norm(y).flatten(-2) * ACTIVATIONS[o.gate_fn](g)
-        else:
-            y = self.g_norm(y).flatten(-2)
-        return self.o_proj(y)  # (B, T, D)
+        return self.o_proj(self._gated_output(y, x, o.use_output_gate, o.gate_fn))  # (B, T, D)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Projections, and the chunked recurrence (chunk ``min(chunk_size, seq_len)``, counted dense)."""
-        c = max(1, min(self.opts.chunk_size, seq_len))
-        h, dk, dv, d = self.num_heads, self.head_k_dim, self.head_v_dim, self.d_model
-        proj = sum(2 * d * m.out_features for m in (self.q_proj, self.k_proj, self.v_proj))
-        proj += 2 * self.value_dim * d * (2 if self.opts.use_output_gate else 1)
-        scan = h * (2 * c * dk + 2 * c * dv + 2 * dk * dv * 2)
-        return int(proj + scan)
+        return self._recurrence_flops(seq_len, self.num_heads, self.head_k_dim, self.head_v_dim)

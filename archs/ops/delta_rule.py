@@ -27,27 +27,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from archs.ops.linear_recurrence import _chunks, _compute_dtype, scalar_decays
+from archs.ops.linear_recurrence import _chunks, _compute_dtype, check_qkv, scalar_decays
 
 __all__ = ["delta_rule_chunked", "delta_rule_reference"]
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
            initial_state: Tensor | None) -> tuple[int, int, int, int, int]:
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must be (batch, seqlen, nheads, head_k_dim) and equal, got {tuple(q.shape)} "
-                         f"and {tuple(k.shape)}")
-    b, t, h, kd = q.shape
-    if v.dim() != 4 or v.shape[:3] != (b, t, h):
-        raise ValueError(f"v must be (batch, seqlen, nheads, head_v_dim) = ({b}, {t}, {h}, V), got {tuple(v.shape)}")
+    b, t, h, kd, vd = check_qkv(q, k, v, initial_state)
     if beta.shape != (b, t, h):
         raise ValueError(f"beta must be (batch, seqlen, nheads) = {(b, t, h)}, got {tuple(beta.shape)}")
     if g is not None and g.shape != (b, t, h):
         raise ValueError(f"g must be (batch, seqlen, nheads) = {(b, t, h)}, got {tuple(g.shape)}")
-    vd = v.shape[-1]
-    if initial_state is not None and initial_state.shape != (b, h, kd, vd):
-        raise ValueError(f"initial_state must be (batch, nheads, head_k_dim, head_v_dim) = {(b, h, kd, vd)}, "
-                         f"got {tuple(initial_state.shape)}")
     return b, t, h, kd, vd
 
 

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["linear_recurrence_chunked", "linear_recurrence_reference", "scalar_decays"]
+__all__ = ["check_qkv", "linear_recurrence_chunked", "linear_recurrence_reference", "scalar_decays"]
 
 #: the factored form is used while a chunk's total per-channel decay stays above exp(-_FACTORED_SPAN)
 _FACTORED_SPAN = 80.0
@@ -38,14 +38,24 @@ _FACTORED_SPAN = 80.0
 _STABLE_PIECE = 1 << 24
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, g_gamma: Tensor | None,
-           initial_state: Tensor | None) -> tuple[int, int, int, int, int]:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None) -> tuple[int, int, int, int, int]:
+    """``(B, T, H, K, V)`` of ``q, k: (B, T, H, K)``, ``v: (B, T, H, V)``, ``initial_state: (B, H, K, V)``."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must be (batch, seqlen, nheads, head_k_dim) and equal, got {tuple(q.shape)} "
                          f"and {tuple(k.shape)}")
     b, t, h, kd = q.shape
     if v.dim() != 4 or v.shape[:3] != (b, t, h):
         raise ValueError(f"v must be (batch, seqlen, nheads, head_v_dim) = ({b}, {t}, {h}, V), got {tuple(v.shape)}")
+    vd = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (b, h, kd, vd):
+        raise ValueError(f"initial_state must be (batch, nheads, head_k_dim, head_v_dim) = {(b, h, kd, vd)}, "
+                         f"got {tuple(initial_state.shape)}")
+    return b, t, h, kd, vd
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, g_gamma: Tensor | None,
+           initial_state: Tensor | None) -> tuple[int, int, int, int, int]:
+    b, t, h, kd, vd = check_qkv(q, k, v, initial_state)
     if g is not None and g_gamma is not None:
         raise ValueError("give g (data-dependent log-decay) or g_gamma (fixed per head), not both")
     if g is not None and g.shape not in ((b, t, h), (b, t, h, kd)):
@@ -53,10 +63,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, g_gamma: Tensor | 
                          f"{(b, t, h)} or {(b, t, h, kd)}, got {tuple(g.shape)}")
     if g_gamma is not None and g_gamma.shape != (h,):
         raise ValueError(f"g_gamma must be (nheads,) = ({h},), got {tuple(g_gamma.shape)}")
-    vd = v.shape[-1]
-    if initial_state is not None and initial_state.shape != (b, h, kd, vd):
-        raise ValueError(f"initial_state must be (batch, nheads, head_k_dim, head_v_dim) = {(b, h, kd, vd)}, "
-                         f"got {tuple(initial_state.shape)}")
     return b, t, h, kd, vd
 
 
