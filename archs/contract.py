@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import Tensor
 
 __all__ = ["CHECKS", "Check", "check_mixer"]
 
@@ -41,10 +40,6 @@ class Check:
 
 
 Builder = Callable[[], Any]
-
-
-def _rel(a: Tensor, b: Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def check_shape(build: Builder, d: int) -> Check:

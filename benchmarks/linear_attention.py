@@ -110,12 +110,6 @@ def saved_bytes(name: str, options: dict[str, Any], *, seq_len: int, batch: int 
     return {"saved_bytes": saved.bytes, "flops_per_token": m.flops_per_token(seq_len)}
 
 
-def machine_rates(seconds: float = 0.3) -> dict[str, float]:
-    from benchmarks.ssm_layers import machine_rates as rates
-
-    return rates(seconds)
-
-
 # driver ---------------------------------------------------------------------------------------------------
 
 def bound_s(traffic: dict[str, Any], rates: dict[str, float], seq_len: int) -> float:
@@ -209,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "linear_attention")
     args = p.parse_args(argv)
 
-    rates = {str(th): run_isolated("benchmarks.linear_attention:machine_rates", {},
+    rates = {str(th): run_isolated("benchmarks.ssm_layers:machine_rates", {},
                                    Isolation(threads=th, timeout=600)) for th in args.threads}
     traffic = {f"{layer}/{t}": run_isolated("benchmarks.linear_attention:saved_bytes",
                                             dict(name=layer, options={**LAYERS[layer][1], "impl": "chunked"},

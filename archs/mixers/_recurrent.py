@@ -20,7 +20,7 @@ from archs.mixers.base import Mixer, MixerCache, dtype_bytes
 from archs.ops.causal_conv import causal_conv1d
 
 __all__ = ["ACTIVATIONS", "HeadRMSNorm", "RecurrentCache", "RecurrentMixer", "ShortConvolution", "check_choice",
-           "check_kv_heads", "check_positive", "l2_norm", "split_heads", "whole_dim"]
+           "check_kv_heads", "check_positive", "elu_p1", "l2_norm", "split_heads", "whole_dim"]
 
 #: fla's activation names (``ACT2FN``) and their torch forms
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -34,6 +34,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 IMPLS = ("auto", "chunked", "reference")
+
+
+def elu_p1(x: Tensor) -> Tensor:
+    """fla's ``elu_p1``: ``elu(x) + 1``, a positive feature map."""
+    return F.elu(x) + 1
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -209,15 +214,12 @@ class RecurrentMixer(Mixer):
         c = max(1, min(self.opts.chunk_size, seq_len))
         return int(self._projection_flops() + h * (2 * c * dk + 2 * c * dv + 2 * dk * dv * 2))
 
-    def _impl(self) -> str:
-        return self.opts.impl
-
     @classmethod
     def available_backends(cls) -> dict[str, str]:
         return {"chunked": "yes", "reference": "yes"}
 
     def _backend(self) -> str:
-        return "reference" if self._impl() == "reference" else "chunked"
+        return "reference" if self.opts.impl == "reference" else "chunked"
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
         self._ran(self._backend())
@@ -229,16 +231,15 @@ class RecurrentMixer(Mixer):
     def _scan(self, chunked: Callable[..., tuple[Tensor, Tensor | None]],
               reference: Callable[..., tuple[Tensor, Tensor | None]], cache: RecurrentCache | None,
               *args: Any, **kwargs: Any) -> Tensor:
-        """Run the op (chunked or reference) from the cache's state, updating it; or from zero."""
+        """Run the op (chunked or reference) from the cache's state, updating it; or from zero. A single
+        decoding step runs the reference: the recurrence itself."""
+        single = cache is not None and args[0].shape[1] == 1
+        if self._backend() == "reference" or single:
+            fn = reference
+        else:
+            fn, kwargs = chunked, {**kwargs, "chunk_size": self.opts.chunk_size}
         if cache is None:
-            fn = reference if self._backend() == "reference" else chunked
-            if fn is chunked:
-                kwargs["chunk_size"] = self.opts.chunk_size
             return fn(*args, **kwargs)[0]
-        single = args[0].shape[1] == 1
-        fn = reference if single or self._backend() == "reference" else chunked
-        if fn is chunked:
-            kwargs["chunk_size"] = self.opts.chunk_size
         o, final = fn(*args, initial_state=cache.state, output_final_state=True, **kwargs)
         cache.state.copy_(final)
         return o

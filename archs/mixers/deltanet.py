@@ -28,6 +28,7 @@ from archs.mixers._recurrent import (
     RecurrentMixer,
     check_choice,
     check_positive,
+    elu_p1,
     l2_norm,
     split_heads,
 )
@@ -36,7 +37,7 @@ from registry import register_mixer
 
 __all__ = ["DeltaNet", "DeltaNetOptions"]
 
-_QK_ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "elu": lambda x: F.elu(x) + 1, "identity": lambda x: x}
+_QK_ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "elu": elu_p1, "identity": lambda x: x}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archs.mixers._recurrent import (
@@ -30,6 +29,7 @@ from archs.mixers._recurrent import (
     check_choice,
     check_kv_heads,
     check_positive,
+    elu_p1,
     split_heads,
 )
 from archs.ops.linear_recurrence import linear_recurrence_chunked, linear_recurrence_reference
@@ -91,7 +91,7 @@ def _feature_map(name: str, head_dim: int) -> Any:
         return HedgehogFeatureMap(head_dim)
     if name == "t2r":
         return T2RFeatureMap(head_dim)
-    return {"dpfp": dpfp, "elu": lambda x: F.elu(x) + 1, "relu": nn.ReLU(), "identity": nn.Identity()}[name]
+    return {"dpfp": dpfp, "elu": elu_p1, "relu": nn.ReLU(), "identity": nn.Identity()}[name]
 
 
 @dataclass(frozen=True)

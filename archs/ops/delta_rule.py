@@ -27,7 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from archs.ops.linear_recurrence import _chunks, _compute_dtype, check_qkv, scalar_decays
+from archs.ops.linear_recurrence import (
+    _chunked_inputs,
+    _chunks,
+    _compute_dtype,
+    _initial_state,
+    check_qkv,
+    scalar_decays,
+)
 
 __all__ = ["delta_rule_chunked", "delta_rule_reference"]
 
@@ -49,8 +56,7 @@ def delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tenso
     b, t, h, kd, vd = _check(q, k, v, beta, g, initial_state)
     ct = _compute_dtype(v)
     scale = kd ** -0.5 if scale is None else scale
-    state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
-             else initial_state.to(ct))
+    state = _initial_state(initial_state, (b, h, kd, vd), q.device, ct)
     gates = [None] * t if g is None else g.to(ct).unbind(1)
     outs = []
     for q_t, k_t, v_t, b_t, g_t in zip(q.to(ct).unbind(1), k.to(ct).unbind(1), v.to(ct).unbind(1),
@@ -69,15 +75,8 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor 
                        output_final_state: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
     """The chunkwise delta rule (see the module docstring); equal to `delta_rule_reference`."""
     b, t, h, kd, vd = _check(q, k, v, beta, g, initial_state)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    ct = _compute_dtype(v)
-    scale = kd ** -0.5 if scale is None else scale
-    c = max(1, min(chunk_size, t))
-    n = -(-t // c)
-    qc, kc, vc = _chunks(q, n, c, ct) * scale, _chunks(k, n, c, ct), _chunks(v, n, c, ct)  # (B, H, N, C, *)
+    qc, kc, vc, c, n, ct, causal = _chunked_inputs(q, k, v, scale, chunk_size)  # (B, H, N, C, *)
     bt = _chunks(beta[..., None], n, c, ct)[..., 0]  # (B, H, N, C)
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()
     strict = causal.tril(-1)
     if g is None:
         between = causal.to(ct)
@@ -92,8 +91,7 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor 
     rhs = torch.cat([vc, k_in], dim=-1) * bt[..., None]  # diag(β) [V | diag(γ) K]
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     u_known, w = solved.split([vd, kd], dim=-1)  # Ũ (B, H, N, C, V), W (B, H, N, C, K)
-    state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
-             else initial_state.to(ct))
+    state = _initial_state(initial_state, (b, h, kd, vd), q.device, ct)
     scores = (qc @ kc.transpose(-1, -2)) * between  # (B, H, N, C, C), causal incl. the diagonal
     # chunk after chunk: the pseudo-values, the outputs and the state. Per-chunk slices are taken once
     # (indexing inside the loop would make autograd build a full-size zero gradient for every chunk), and the

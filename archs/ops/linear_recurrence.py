@@ -70,6 +70,27 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _initial_state(initial_state: Tensor | None, shape: tuple[int, ...], device: torch.device,
+                   ct: torch.dtype) -> Tensor:
+    """The state a scan starts from, in the compute dtype: the given one, or zeros."""
+    return torch.zeros(shape, device=device, dtype=ct) if initial_state is None else initial_state.to(ct)
+
+
+def _chunked_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None, chunk_size: int):
+    """What both chunked ops start from: ``(qc · scale, kc, vc, C, N, ct, causal)`` with ``qc, kc, vc`` in
+    ``(B, H, N, C, *)`` (zero-padded to ``N * C`` tokens, compute dtype ``ct``) and the ``(C, C)`` causal mask."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    t, kd = q.shape[1], q.shape[-1]
+    ct = _compute_dtype(v)
+    scale = kd ** -0.5 if scale is None else scale
+    c = max(1, min(chunk_size, t))
+    n = -(-t // c)
+    qc, kc, vc = _chunks(q, n, c, ct) * scale, _chunks(k, n, c, ct), _chunks(v, n, c, ct)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()
+    return qc, kc, vc, c, n, ct, causal
+
+
 def linear_recurrence_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
                                 g_gamma: Tensor | None = None, scale: float | None = None,
                                 initial_state: Tensor | None = None,
@@ -78,8 +99,7 @@ def linear_recurrence_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor | Non
     b, t, h, kd, vd = _check(q, k, v, g, g_gamma, initial_state)
     ct = _compute_dtype(v)
     scale = kd ** -0.5 if scale is None else scale
-    state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
-             else initial_state.to(ct))
+    state = _initial_state(initial_state, (b, h, kd, vd), q.device, ct)
     fixed = None if g_gamma is None else g_gamma.to(ct).exp()[None, :, None, None]  # (1, H, 1, 1)
     gates = [None] * t if g is None else g.to(ct).unbind(1)
     outs = []
@@ -136,14 +156,7 @@ def linear_recurrence_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None 
                               chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
     """The chunked recurrence (see the module docstring); equal to `linear_recurrence_reference`."""
     b, t, h, kd, vd = _check(q, k, v, g, g_gamma, initial_state)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    ct = _compute_dtype(v)
-    scale = kd ** -0.5 if scale is None else scale
-    c = max(1, min(chunk_size, t))
-    n = -(-t // c)
-    qc, kc, vc = _chunks(q, n, c, ct) * scale, _chunks(k, n, c, ct), _chunks(v, n, c, ct)  # (B, H, N, C, *)
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()
+    qc, kc, vc, c, n, ct, causal = _chunked_inputs(q, k, v, scale, chunk_size)  # (B, H, N, C, *)
     decay = None  # per chunk, what the carried state is multiplied by
     if g is None and g_gamma is None:
         scores = (qc @ kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (B, H, N, C, C)
@@ -172,8 +185,7 @@ def linear_recurrence_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None 
             stable = _stable_scores(qc[where], kc[where], bc[where], causal)
             scores = scores.index_put(where, stable)
     updates = k_out.transpose(-1, -2) @ vc  # (B, H, N, K, V): each chunk's contribution to the state
-    state = (torch.zeros(b, h, kd, vd, device=q.device, dtype=ct) if initial_state is None
-             else initial_state.to(ct))
+    state = _initial_state(initial_state, (b, h, kd, vd), q.device, ct)
     if decay is None:  # no decay: the states are a running sum
         entering = torch.cat([state[:, :, None], updates[:, :, :-1]], dim=2).cumsum(2)  # (B, H, N, K, V)
         state = entering[:, :, -1] + updates[:, :, -1]
