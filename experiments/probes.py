@@ -33,10 +33,14 @@ __all__ = [
     "MEMORY_FLOOR_BYTES",
     "TIME_FLOOR_S",
     "context_probe",
+    "decode_point",
     "decode_probe",
+    "decode_result",
     "loss_vs_length",
     "run_probes",
+    "scaling_point",
     "scaling_probe",
+    "scaling_result",
     "task_accuracy_vs_length",
 ]
 
@@ -51,48 +55,49 @@ def _na_learned(limit: int) -> str:
 
 
 # time and memory vs T ---------------------------------------------------------------------------------------
-def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str = "fwdbwd", batch: int = 1,
-                  repeats: int = 3, budget_bytes: float | None = None, isolation: Isolation = _ISOLATION,
-                  memory_floor: float = MEMORY_FLOOR_BYTES, time_floor: float = TIME_FLOOR_S,
-                  on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Time and peak memory of ``target`` (see `measure.resolve_target`) at each length, each in a fresh
-    process; the fitted exponents of memory and time vs T; the largest T within ``budget_bytes``.
+def scaling_point(target: dict[str, Any], t: int, earlier: Sequence[dict[str, Any]], *, mode: str = "fwdbwd",
+                  batch: int = 1, repeats: int = 3, isolation: Isolation = _ISOLATION,
+                  memory_floor: float = MEMORY_FLOOR_BYTES) -> dict[str, Any]:
+    """Time and peak memory of ``target`` at length ``t`` in a fresh process: one row of `scaling_probe`.
 
-    A failed length is recorded and the longer ones are skipped; so is a length whose memory, predicted from
-    the points so far, would not fit in this machine's available memory.
+    ``earlier`` are the target's rows at shorter lengths: after a failed one, ``t`` is skipped; so is a
+    length whose memory, predicted from them, would not fit in this machine's available memory.
     """
-    lengths = sorted(set(int(t) for t in lengths))
     limit = length_limit(target)
-    rows: list[dict[str, Any]] = []
-    stop = ""
-    for t in lengths:
-        row: dict[str, Any] = {"seq_len": t}
-        if limit is not None and t > limit:
-            row["status"] = _na_learned(limit)
-        elif stop:
-            row["status"] = stop
-        else:
-            fit = fit_power_law([r["seq_len"] for r in rows if r.get("status") == "ok"],
-                                [r["peak_bytes"] for r in rows if r.get("status") == "ok"], floor=memory_floor)
-            avail = available_bytes() if isolation.device == "cpu" else None
-            predicted = fit["coef"] * t ** fit["exponent"] if fit else None
-            if predicted is not None and avail is not None and predicted > 0.8 * avail:
-                row["status"] = stop = (f"skipped: predicted {predicted / 2**30:.1f} GiB > 80% of the "
-                                        f"{avail / 2**30:.1f} GiB available")
-            else:
-                try:
-                    r = run_isolated("experiments.measure:bench", {
-                        "target": target, "seq_len": t, "batch": batch, "mode": mode, "repeats": repeats,
-                        "device": isolation.device, "dtype": isolation.dtype}, isolation)
-                    row.update(r, status="ok", seq_len=t)
-                except MeasureError as exc:
-                    msg = str(exc).strip().splitlines()
-                    row["status"] = "failed: " + (msg[-1] if msg else "?")
-                    row["error"] = str(exc)
-                    stop = f"skipped: a shorter length failed (T={t})"
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+    row: dict[str, Any] = {"seq_len": t}
+    if limit is not None and t > limit:
+        row["status"] = _na_learned(limit)
+        return row
+    failed = [r for r in earlier if r["status"].startswith(("failed", "skipped"))]
+    if failed:
+        first = failed[0]
+        row["status"] = (first["status"] if first["status"].startswith("skipped: predicted")
+                         else f"skipped: a shorter length failed (T={first['seq_len']})")
+        return row
+    ok = [r for r in earlier if r.get("status") == "ok"]
+    fit = fit_power_law([r["seq_len"] for r in ok], [r["peak_bytes"] for r in ok], floor=memory_floor)
+    avail = available_bytes() if isolation.device == "cpu" else None
+    predicted = fit["coef"] * t ** fit["exponent"] if fit else None
+    if predicted is not None and avail is not None and predicted > 0.8 * avail:
+        row["status"] = f"skipped: predicted {predicted / 2**30:.1f} GiB > 80% of the {avail / 2**30:.1f} GiB available"
+        return row
+    try:
+        r = run_isolated("experiments.measure:bench", {
+            "target": target, "seq_len": t, "batch": batch, "mode": mode, "repeats": repeats,
+            "device": isolation.device, "dtype": isolation.dtype}, isolation)
+        row.update(r, status="ok", seq_len=t)
+    except MeasureError as exc:
+        msg = str(exc).strip().splitlines()
+        row.update(status="failed: " + (msg[-1] if msg else "?"), error=str(exc))
+    return row
+
+
+def scaling_result(target: dict[str, Any], rows: list[dict[str, Any]], *, mode: str = "fwdbwd", batch: int = 1,
+                   repeats: int = 3, budget_bytes: float | None = None, isolation: Isolation = _ISOLATION,
+                   memory_floor: float = MEMORY_FLOOR_BYTES, time_floor: float = TIME_FLOOR_S) -> dict[str, Any]:
+    """`scaling_probe`'s result from its rows: the fitted exponents of memory and time vs T and the largest
+    T within ``budget_bytes``."""
+    limit = length_limit(target)
     ok = [r for r in rows if r.get("status") == "ok"]
     xs = [r["seq_len"] for r in ok]
     fits = {"memory": fit_power_law(xs, [r["peak_bytes"] for r in ok], floor=memory_floor),
@@ -107,34 +112,51 @@ def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str =
     return out
 
 
-# decoding vs context ----------------------------------------------------------------------------------------
-def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int = 32, batch: int = 1,
-                 isolation: Isolation = _ISOLATION,
-                 on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Per-token decoding latency and cache bytes after prefilling each context length (fresh process each).
+def scaling_probe(target: dict[str, Any], lengths: Sequence[int], *, mode: str = "fwdbwd", batch: int = 1,
+                  repeats: int = 3, budget_bytes: float | None = None, isolation: Isolation = _ISOLATION,
+                  memory_floor: float = MEMORY_FLOOR_BYTES, time_floor: float = TIME_FLOOR_S,
+                  on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Time and peak memory of ``target`` (see `measure.resolve_target`) at each length, each in a fresh
+    process (`scaling_point`); the fitted exponents of memory and time vs T; the largest T within
+    ``budget_bytes`` (`scaling_result`).
 
-    ``growth`` is the ratio of the per-token latency at the longest context to that at the shortest
-    (``growth_min`` the same for the fastest step of each), and ``fit`` the fitted exponents vs context.
+    A failed length is recorded and the longer ones are skipped; so is a length whose memory, predicted from
+    the points so far, would not fit in this machine's available memory.
     """
-    contexts = sorted(set(int(c) for c in contexts))
-    limit = length_limit(target)
     rows: list[dict[str, Any]] = []
-    for c in contexts:
-        row: dict[str, Any] = {"context": c}
-        if limit is not None and c + steps > limit:
-            row["status"] = _na_learned(limit)
-        else:
-            try:
-                r = run_isolated("experiments.measure:bench_decode", {
-                    "target": target, "context": c, "steps": steps, "batch": batch, "device": isolation.device,
-                    "dtype": isolation.dtype}, isolation)
-                row.update(r, status="ok", context=c)
-            except MeasureError as exc:
-                msg = str(exc).strip().splitlines()
-                row.update(status="failed: " + (msg[-1] if msg else "?"), error=str(exc))
-        rows.append(row)
+    for t in sorted(set(int(t) for t in lengths)):
+        rows.append(scaling_point(target, t, rows, mode=mode, batch=batch, repeats=repeats, isolation=isolation,
+                                  memory_floor=memory_floor))
         if on_row is not None:
-            on_row(row)
+            on_row(rows[-1])
+    return scaling_result(target, rows, mode=mode, batch=batch, repeats=repeats, budget_bytes=budget_bytes,
+                          isolation=isolation, memory_floor=memory_floor, time_floor=time_floor)
+
+
+# decoding vs context ----------------------------------------------------------------------------------------
+def decode_point(target: dict[str, Any], context: int, *, steps: int = 32, batch: int = 1,
+                 isolation: Isolation = _ISOLATION) -> dict[str, Any]:
+    """Per-token decoding latency and cache bytes after prefilling ``context`` tokens, in a fresh process:
+    one row of `decode_probe`."""
+    limit = length_limit(target)
+    row: dict[str, Any] = {"context": context}
+    if limit is not None and context + steps > limit:
+        row["status"] = _na_learned(limit)
+        return row
+    try:
+        r = run_isolated("experiments.measure:bench_decode", {
+            "target": target, "context": context, "steps": steps, "batch": batch, "device": isolation.device,
+            "dtype": isolation.dtype}, isolation)
+        row.update(r, status="ok", context=context)
+    except MeasureError as exc:
+        msg = str(exc).strip().splitlines()
+        row.update(status="failed: " + (msg[-1] if msg else "?"), error=str(exc))
+    return row
+
+
+def decode_result(target: dict[str, Any], rows: list[dict[str, Any]], *, steps: int = 32, batch: int = 1,
+                  isolation: Isolation = _ISOLATION) -> dict[str, Any]:
+    """`decode_probe`'s result from its rows: the latency growth and the fitted exponents vs context."""
     ok = [r for r in rows if r.get("status") == "ok"]
     xs = [r["context"] for r in ok]
     lat, lat_min = [r["latency_s"] for r in ok], [r["latency_min_s"] for r in ok]
@@ -146,6 +168,22 @@ def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int 
     out["growth"] = lat[-1] / lat[0] if len(lat) >= 2 and lat[0] > 0 else None
     out["growth_min"] = lat_min[-1] / lat_min[0] if len(lat) >= 2 and lat_min[0] > 0 else None
     return out
+
+
+def decode_probe(target: dict[str, Any], contexts: Sequence[int], *, steps: int = 32, batch: int = 1,
+                 isolation: Isolation = _ISOLATION,
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Per-token decoding latency and cache bytes after prefilling each context length (fresh process each).
+
+    ``growth`` is the ratio of the per-token latency at the longest context to that at the shortest
+    (``growth_min`` the same for the fastest step of each), and ``fit`` the fitted exponents vs context.
+    """
+    rows = []
+    for c in sorted(set(int(c) for c in contexts)):
+        rows.append(decode_point(target, c, steps=steps, batch=batch, isolation=isolation))
+        if on_row is not None:
+            on_row(rows[-1])
+    return decode_result(target, rows, steps=steps, batch=batch, isolation=isolation)
 
 
 # trained runs: loss and accuracy vs length ------------------------------------------------------------------

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from experiments.cli import info, measure, run, study  # noqa: F401 — each registers its commands
+from experiments.cli import check, info, measure, run, study  # noqa: F401 — each registers its commands
 from experiments.cli.base import COMMANDS
 from registry import MixerlabError
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each mixer runs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    first = ("list", "doctor", "train", "generate", "measure", "study", "reproduce")
+    first = ("list", "doctor", "check", "train", "generate", "measure", "study", "reproduce")
     for name in sorted(COMMANDS, key=lambda n: (first.index(n) if n in first else len(first), n)):
         help_text, configure, _run = COMMANDS[name]
         configure(sub.add_parser(name, help=help_text, description=help_text))
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if os.getcwd() not in sys.path:  # import paths (pkg.mod:Class) resolve as under `python -m`: installed
+        sys.path.append(os.getcwd())  # packages first, then the current directory
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
