@@ -5,88 +5,22 @@ installed test plugin writing its report card, figures and resumable parts."""
 from __future__ import annotations
 
 import json
-import textwrap
+import re
+from pathlib import Path
 
 import pytest
 
 from experiments.cli import main
 from registry import MIXERS
 
-BROKEN = textwrap.dedent('''
-    import torch
-    from torch import nn
-    from archs.mixers import Mixer, MixerCache
-
-
-    class RunningMean(Mixer):
-        """Causal running mean of a projection."""
-
-        def __init__(self, d_model, layer_idx=0):
-            super().__init__(d_model, layer_idx)
-            self.proj = nn.Linear(d_model, d_model)
-
-        def forward(self, x):
-            steps = torch.arange(1, x.shape[1] + 1, device=x.device)[None, :, None]
-            return self.proj(x).cumsum(1) / steps
-
-
-    class ReadsTheNextToken(RunningMean):
-        def forward(self, x):
-            return super().forward(x) + 0.5 * torch.roll(x, shifts=-1, dims=1)
-
-
-    class MixesBatchRows(RunningMean):
-        def forward(self, x):
-            return super().forward(x) + x.mean(0, keepdim=True)
-
-
-    class NaNInBF16(RunningMean):
-        def forward(self, x):
-            y = super().forward(x)
-            return y * torch.nan if x.dtype == torch.bfloat16 else y
-
-
-    class _Sum(MixerCache):
-        def __init__(self, batch, d):
-            self.total, self.length = torch.zeros(batch, 1, d), 0
-
-
-    class StepDrifts(RunningMean):
-        def init_cache(self, batch_size, max_len, device=None, dtype=None):
-            return _Sum(batch_size, self.d_model)
-
-        def step(self, x, cache):
-            outs = []
-            for t in range(x.shape[1]):
-                cache.total = cache.total + self.proj(x[:, t: t + 1])
-                cache.length += 1
-                outs.append(cache.total / (cache.length if cache.length <= 7 else 1))
-            return torch.cat(outs, 1)
-
-        def state_bytes(self, seq_len, batch_size=1, dtype=None):
-            return batch_size * self.d_model * 4
-
-
-    class LiesAboutState(StepDrifts):
-        def step(self, x, cache):
-            outs = []
-            for t in range(x.shape[1]):
-                cache.total = cache.total + self.proj(x[:, t: t + 1])
-                cache.length += 1
-                outs.append(cache.total / cache.length)
-            return torch.cat(outs, 1)
-
-        def state_bytes(self, seq_len, batch_size=1, dtype=None):
-            return 8
-''')
+CONTRACT_TESTS = Path(__file__).parents[1] / "archs"  # test_contract_checks.py: a correct mixer, five broken
 
 
 @pytest.fixture
 def broken(tmp_path, monkeypatch):
-    """A plugin module ``brokenmix`` on the path: one correct mixer and five broken ones."""
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "brokenmix.py").write_text(BROKEN)
-    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    """The mixers of ``tests/archs/test_contract_checks.py`` (a correct one, five broken ones) importable as
+    ``test_contract_checks:Class``, as a plugin's module would be; the current directory an empty one."""
+    monkeypatch.syspath_prepend(str(CONTRACT_TESTS))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -109,21 +43,19 @@ def test_every_registered_mixer_passes_contract_only(name, capsys, tmp_path, mon
     ("MixesBatchRows", {"batch_independence"}, r"sequence 0 changed by .* \(first at position 0\)"),
     ("NaNInBF16", {"finite_bf16"}, r"first non-finite output at \(batch, position, channel\) = \(0, 0, 0\)"),
     ("StepDrifts", {"decoding"}, r"prefill 1: position 7 differs from the forward by"),
-    ("LiesAboutState", {"state_bytes"}, r"state_bytes says 8, the cache holds \d+"),
+    ("LiesAboutItsState", {"state_bytes"}, r"state_bytes says 64, the cache holds \d+"),
 ])
 def test_a_broken_plugin_fails_exactly_its_check(broken, capsys, cls, fails, where):
-    assert main(["check", f"brokenmix:{cls}", "--contract-only", "--d-model", "16"]) == 1
+    assert main(["check", f"test_contract_checks:{cls}", "--contract-only", "--d-model", "16"]) == 1
     out = capsys.readouterr().out
     failed = {v.split()[1] for v in lines(out) if v.startswith("FAIL")}
     assert failed == fails, out
-    import re
-
     assert re.search(where, out), out
     assert f"contract: {len(fails)} of 9 checks FAIL" in out
 
 
 def test_a_correct_plugin_passes_and_the_card_says_so(broken, capsys):
-    assert main(["check", "brokenmix:RunningMean", "--contract-only", "--out", "card"]) == 0
+    assert main(["check", "test_contract_checks:RunningMean", "--contract-only", "--out", "card"]) == 0
     card = json.loads((broken / "card" / "check.json").read_text())
     assert card["status"] == "complete" and len(card["contract"]) == 9
     assert all(c["passed"] for c in card["contract"]) and card["costs"] is None
@@ -132,7 +64,7 @@ def test_a_correct_plugin_passes_and_the_card_says_so(broken, capsys):
 
 
 def test_a_failed_contract_writes_its_card_and_runs_nothing_else(broken, capsys):
-    assert main(["check", "brokenmix:ReadsTheNextToken", "--out", "card", "--d-model", "16"]) == 1
+    assert main(["check", "test_contract_checks:ReadsTheNextToken", "--out", "card", "--d-model", "16"]) == 1
     out = capsys.readouterr().out
     assert "costs and the quality probe were not run" in out
     card = json.loads((broken / "card" / "check.json").read_text())
@@ -151,7 +83,7 @@ def test_a_failed_contract_writes_its_card_and_runs_nothing_else(broken, capsys)
     (["mamba", "--tasks", "passkey"], "the probe's tasks are mqar, induction"),
     (["mamba", "--probe-lr", "0"], "--probe-lr"),
     (["mamba", "--d-model", "0"], "--d-model"),
-    (["brokenmix:NoSuchClass"], "NoSuchClass"),
+    (["test_contract_checks:NoSuchClass"], "NoSuchClass"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(broken, capsys, argv, says):
     assert main(["check", *argv, "--out", "card"]) == 2
@@ -162,17 +94,17 @@ def test_bad_input_is_refused_before_anything_is_written(broken, capsys, argv, s
 
 def test_an_out_that_holds_something_else_is_refused_and_kept(broken, capsys):
     (broken / "a_file").write_text("x")
-    assert main(["check", "brokenmix:RunningMean", "--contract-only", "--out", "a_file"]) == 2
+    assert main(["check", "test_contract_checks:RunningMean", "--contract-only", "--out", "a_file"]) == 2
     assert "is a file" in capsys.readouterr().err and (broken / "a_file").read_text() == "x"
     (broken / "other").mkdir()
     (broken / "other" / "notes.txt").write_text("mine")
-    assert main(["check", "brokenmix:RunningMean", "--contract-only", "--out", "other"]) == 2
+    assert main(["check", "test_contract_checks:RunningMean", "--contract-only", "--out", "other"]) == 2
     assert "holds other files" in capsys.readouterr().err
-    assert main(["check", "brokenmix:RunningMean", "--contract-only", "--out", "card"]) == 0
+    assert main(["check", "test_contract_checks:RunningMean", "--contract-only", "--out", "card"]) == 0
     before = (broken / "card" / "check.json").read_text()
     assert main(["check", "mamba", "--contract-only", "--out", "card"]) == 2
     err = capsys.readouterr().err
-    assert "holds a check of brokenmix:RunningMean" in err and "give another --out" in err
+    assert "holds a check of test_contract_checks:RunningMean" in err and "give another --out" in err
     assert (broken / "card" / "check.json").read_text() == before
 
 
