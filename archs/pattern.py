@@ -33,6 +33,11 @@ DEFAULT_LEGEND: dict[str, str] = {
     "B": "based",
     "D": "deltanet",
     "N": "gated_deltanet",
+    "K": "s4d",
+    "H": "h3",
+    "Y": "hyena",
+    "C": "base_conv",
+    "Q": "rg_lru",
 }
 
 

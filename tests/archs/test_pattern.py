@@ -56,8 +56,8 @@ def test_user_legend_can_name_a_plugin():
 
 
 def test_pattern_errors():
-    with pytest.raises(SpecError, match="letter\\(s\\) 'Q'.*legend lacks"):
-        ModelSpec(pattern="AQ", n_layers=2)
+    with pytest.raises(SpecError, match="letter\\(s\\) 'V'.*legend lacks"):
+        ModelSpec(pattern="AV", n_layers=2)
     with pytest.raises(SpecError, match="unknown mixer 'mamba3'"):
         ModelSpec(pattern="AZ", legend={"Z": "mamba3"}, n_layers=2)
     with pytest.raises(SpecError, match="single letters"):
