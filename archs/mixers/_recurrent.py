@@ -269,9 +269,7 @@ class RecurrentMixer(Mixer):
         return RecurrentCache(state, convs)
 
     def step(self, x: Tensor, cache: MixerCache) -> Tensor:
-        if not isinstance(cache, RecurrentCache):
-            raise TypeError(f"{self.mixer_name}.step needs its RecurrentCache (from init_cache), "
-                            f"got {type(cache).__name__}")
+        self._check_cache(cache, RecurrentCache, x)
         self._ran(self._backend())  # one-token steps are the recurrence itself, the same maths
         y = self._mix(x, cache)
         cache.length += x.shape[1]

@@ -63,6 +63,12 @@ class MixerCache:
         """Bytes of state held for the tokens consumed so far."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    @property
+    def batch_size(self) -> int | None:
+        """The batch the state was made for (the leading size of its tensors); None while it holds none."""
+        tensors = self.tensors()
+        return tensors[0].shape[0] if tensors else None
+
 
 class PrefixCache(MixerCache):
     """The default cache: the inputs seen so far, ``(B, L, D)``."""
@@ -107,6 +113,16 @@ class Mixer(nn.Module):
         log_backend_once(self.mixer_name, backend, why)
 
     # decoding ----------------------------------------------------------------------------------------
+    def _check_cache(self, cache: MixerCache, cls: type[MixerCache], x: Tensor) -> None:
+        """Raise unless ``cache`` is this mixer's ``cls`` (from `init_cache`) made for ``x``'s batch size."""
+        if not isinstance(cache, cls):
+            raise TypeError(f"{self.mixer_name}.step needs its {cls.__name__} (from init_cache), "
+                            f"got {type(cache).__name__}")
+        batch_size = cache.batch_size
+        if batch_size is not None and batch_size != x.shape[0]:
+            raise ValueError(f"{self.mixer_name}.step: the cache holds batch size {batch_size}, the input has "
+                             f"{x.shape[0]}; make it with init_cache(batch_size={x.shape[0]}, ...)")
+
     def init_cache(
         self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> MixerCache:

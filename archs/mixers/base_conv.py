@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from archs.mixers._filters import ConvInputsCache, ImplicitFilter
 from archs.mixers.base import Mixer, MixerCache, dtype_bytes
 from archs.ops.causal_conv import causal_conv1d
-from archs.ops.long_conv import long_conv_fft, long_conv_flops, long_conv_reference
+from archs.ops.long_conv import LONG_CONVS, long_conv_flops, long_conv_last
 from registry import register_mixer
 
 __all__ = ["BaseConv", "BaseConvOptions", "ShortConvCache"]
@@ -90,7 +90,7 @@ class BaseConv(Mixer):
         return {"short": "yes", "fft": "yes", "reference": "yes", "direct": "yes"}  # direct: long-filter decoding
 
     def _long(self, u: Tensor, k: Tensor) -> Tensor:
-        conv = long_conv_reference if self.opts.conv == "reference" else long_conv_fft
+        conv = LONG_CONVS[self.opts.conv]
         return conv(u, k) + u * self.bias.to(u.dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
@@ -117,10 +117,8 @@ class BaseConv(Mixer):
             self._ran("fft" if t > 1 else "direct")
             inputs = cache.append(u)
             k = self.filter(inputs.shape[1])
-            if t == 1:  # one output: a dot product with the reversed filter over every input so far
-                c = torch.einsum("bld,dl->bd", inputs.float(), k.flip(-1))[:, None].to(u.dtype) + u * self.bias
-            else:
-                c = self._long(inputs, k)[:, -t:]
+            conv = LONG_CONVS[self.opts.conv]
+            c = long_conv_last(inputs, k, t, conv) + u * self.bias.to(u.dtype)
         elif isinstance(cache, ShortConvCache) and not self.opts.long:
             self._ran("short")
             window = torch.cat([cache.window.to(u.dtype), u], 1)

@@ -111,10 +111,7 @@ class H3(Mixer):
 
     def step(self, x: Tensor, cache: MixerCache) -> Tensor:
         """Consume ``x: (B, T, D)`` by the recurrences, updating ``cache`` in place."""
-        if not isinstance(cache, H3Cache):
-            raise TypeError(f"{self.mixer_name}.step needs its H3Cache, got {type(cache).__name__}")
-        if cache.window.shape[0] != x.shape[0]:
-            raise ValueError(f"cache holds batch size {cache.window.shape[0]}, input has {x.shape[0]}")
+        self._check_cache(cache, H3Cache, x)
         self._ran("recurrent")
         k, window = self.shift.step(self.k_proj(x), cache.window)
         cache.window.copy_(window)

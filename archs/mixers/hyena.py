@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from archs.mixers._filters import ImplicitFilter
 from archs.mixers.base import Mixer, MixerCache, dtype_bytes
 from archs.ops.causal_conv import causal_conv1d
-from archs.ops.long_conv import long_conv_fft, long_conv_flops, long_conv_reference
+from archs.ops.long_conv import LONG_CONVS, long_conv_flops, long_conv_last
 from registry import register_mixer
 
 __all__ = ["Hyena", "HyenaCache", "HyenaOptions"]
@@ -92,7 +92,7 @@ class Hyena(Mixer):
         return {"fft": "yes", "reference": "yes", "direct": "yes"}  # direct: one-token decoding steps
 
     def _conv(self, z: Tensor, k: Tensor, n: int) -> Tensor:
-        conv = long_conv_reference if self.opts.conv == "reference" else long_conv_fft
+        conv = LONG_CONVS[self.opts.conv]
         return conv(z, k) + z * self.filter_bias[n].to(z.dtype)
 
     def _split(self, u: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -119,8 +119,7 @@ class Hyena(Mixer):
     def step(self, x: Tensor, cache: MixerCache) -> Tensor:
         """Consume ``x: (B, T, D)``: the short convolution from its window, each long convolution over its
         stage's inputs so far."""
-        if not isinstance(cache, HyenaCache):
-            raise TypeError(f"{self.mixer_name}.step needs its HyenaCache, got {type(cache).__name__}")
+        self._check_cache(cache, HyenaCache, x)
         t, k = x.shape[1], self.opts.short_filter
         self._ran("fft" if t > 1 else "direct")
         window = torch.cat([cache.window.to(x.dtype), self.in_proj(x)], 1)
@@ -133,11 +132,8 @@ class Hyena(Mixer):
             prev = cache.stages[n]
             inputs = z if prev is None else torch.cat([prev, z], 1)
             cache.stages[n] = inputs
-            if t == 1:  # one output: the reversed filter against every input so far
-                conv = torch.einsum("bld,dl->bd", inputs.float(), kn.flip(-1))[:, None].to(z.dtype)
-                z = gate * (conv + z * self.filter_bias[n].to(z.dtype))
-            else:
-                z = gate * self._conv(inputs, kn, n)[:, -t:]
+            conv = LONG_CONVS[self.opts.conv]
+            z = gate * (long_conv_last(inputs, kn, t, conv) + z * self.filter_bias[n].to(z.dtype))
         cache.length = total
         return self.out_proj(z)
 

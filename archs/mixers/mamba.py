@@ -251,11 +251,8 @@ class Mamba(Mixer):
 
     def step(self, x: Tensor, cache: MixerCache) -> Tensor:
         """Consume ``x: (B, T, D)`` (a prefill or one token), updating ``cache`` in place."""
-        if not isinstance(cache, MambaCache):
-            raise TypeError(f"{self.mixer_name}.step needs its MambaCache, got {type(cache).__name__}")
+        self._check_cache(cache, MambaCache, x)
         bsz, t, _ = x.shape
-        if cache.conv_state.shape[0] != bsz:
-            raise ValueError(f"cache holds batch size {cache.conv_state.shape[0]}, input has {bsz}")
         k = self.d_conv
         xc, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E)
         window = torch.cat([cache.conv_state, xc.transpose(1, 2).to(cache.conv_state.dtype)], dim=2)  # (B, E, K+T)

@@ -339,9 +339,7 @@ class Mamba2(Mixer):
                            device, self._dtype(dtype))
 
     def step(self, u: Tensor, cache: MixerCache) -> Tensor:
-        if not isinstance(cache, Mamba2Cache):
-            raise TypeError(f"{self.mixer_name}.step needs its Mamba2Cache (from init_cache), "
-                            f"got {type(cache).__name__}")
+        self._check_cache(cache, Mamba2Cache, u)
         b, t, _ = u.shape
         z0, x0, z, xbc, dt_raw = self._split(self.in_proj(u))
         # causal conv over [the last d_conv inputs, the new ones]; keep the outputs of the new ones

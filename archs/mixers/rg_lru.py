@@ -167,10 +167,7 @@ class RGLRU(Mixer):
 
     def step(self, x: Tensor, cache: MixerCache) -> Tensor:
         """Consume ``x: (B, T, D)`` (a prefill or one token), updating ``cache`` in place."""
-        if not isinstance(cache, RGLRUCache):
-            raise TypeError(f"{self.mixer_name}.step needs its RGLRUCache, got {type(cache).__name__}")
-        if cache.h.shape[0] != x.shape[0]:
-            raise ValueError(f"cache holds batch size {cache.h.shape[0]}, input has {x.shape[0]}")
+        self._check_cache(cache, RGLRUCache, x)
         t, k = x.shape[1], self.opts.conv_width
         y, u = self._branches(x)
         window = torch.cat([cache.conv_state.to(u.dtype), u], 1)  # (B, K-1+T, W)

@@ -100,10 +100,7 @@ class S4D(Mixer):
 
     def step(self, x: Tensor, cache: MixerCache) -> Tensor:
         """Consume ``x: (B, T, D)`` by the recurrence, updating ``cache`` in place."""
-        if not isinstance(cache, S4DCache):
-            raise TypeError(f"{self.mixer_name}.step needs its S4DCache, got {type(cache).__name__}")
-        if cache.h.shape[0] != x.shape[0]:
-            raise ValueError(f"cache holds batch size {cache.h.shape[0]}, input has {x.shape[0]}")
+        self._check_cache(cache, S4DCache, x)
         self._ran("recurrent")
         y = self.ssm.step(x, cache.h)
         cache.length += x.shape[1]

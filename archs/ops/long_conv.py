@@ -16,11 +16,13 @@ channel's sequence is contiguous.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fft_size", "long_conv_fft", "long_conv_flops", "long_conv_reference"]
+__all__ = ["LONG_CONVS", "fft_size", "long_conv_fft", "long_conv_flops", "long_conv_last", "long_conv_reference"]
 
 
 def _check(u: Tensor, k: Tensor) -> None:
@@ -61,6 +63,23 @@ def long_conv_fft(u: Tensor, k: Tensor) -> Tensor:
     k_f = torch.fft.rfft(kk, n=n)  # (E, n/2 + 1)
     y = torch.fft.irfft(u_f * k_f, n=n)[..., :t]
     return y.transpose(1, 2).to(u.dtype)
+
+
+#: a mixer's ``conv`` option -> the op ("auto" is the FFT: it is the fast path on every device)
+LONG_CONVS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "auto": long_conv_fft, "fft": long_conv_fft, "reference": long_conv_reference}
+
+
+def long_conv_last(u: Tensor, k: Tensor, n: int, conv: Callable[[Tensor, Tensor], Tensor] = long_conv_fft) -> Tensor:
+    """The last ``n`` outputs ``(B, n, E)`` of the causal convolution of every input so far ``u: (B, T, E)``
+    with ``k: (E, >= T)`` — a decoding step. One output is a dot product of the inputs with the reversed
+    filter (fp32 accumulation, as `long_conv_fft`); more go through ``conv``."""
+    _check(u, k)
+    if n == 1:
+        t = u.shape[1]
+        dot = torch.einsum("btd,dt->bd", u.to(_compute_dtype(u)), k[:, :t].flip(-1).to(_compute_dtype(u)))
+        return dot[:, None].to(u.dtype)
+    return conv(u, k)[:, -n:]
 
 
 def long_conv_flops(t: int, channels: int, filter_len: int | None = None) -> int:

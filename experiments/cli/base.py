@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-__all__ = ["COMMANDS", "WIDTH", "command", "table", "wrap"]
+from experiments.errors import UsageError
+
+__all__ = ["COMMANDS", "WIDTH", "command", "numbers", "table", "wrap"]
 
 Configure = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -50,3 +53,22 @@ def table(rows: list[list[str]], header: list[str], width: int | None = None) ->
 def wrap(text: str, width: int | None = None, indent: str = "    ") -> str:
     """``text`` wrapped at ``width`` (continuation lines indented); as it is without a width."""
     return text if width is None else textwrap.fill(text, width, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def numbers(items: str | Iterable[str], flag: str, cast: type = int) -> list[Any]:
+    """The positive numbers of a flag given as ``512,1024`` or ``512 1024`` (one string or several), sorted and
+    without repeats; a `UsageError` naming the flag and the bad part otherwise."""
+    out = []
+    for item in [items] if isinstance(items, str) else items:
+        for part in str(item).replace(",", " ").split():
+            try:
+                v = cast(part)
+            except ValueError:
+                v = None
+            if v is None or v <= 0:
+                raise UsageError(f"{flag}: {part!r} is not a positive {'integer' if cast is int else 'number'} "
+                                 f"(give e.g. {flag} 512,1024,2048)")
+            out.append(v)
+    if not out:
+        raise UsageError(f"{flag}: give at least one value")
+    return sorted(set(out))

@@ -16,17 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from experiments.check.plan import BASELINES, PROBE_TASKS, CheckPlan, Parts, make_plan, safe_name
-from experiments.cli.base import command, table
+from experiments.cli.base import command, numbers, table
 from experiments.errors import UsageError
 
 __all__ = ["run_check"]
-
-
-def _numbers(text: str, flag: str, cast: type = int) -> tuple[Any, ...]:
-    try:
-        return tuple(cast(p) for p in text.replace(",", " ").split())
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: give numbers separated by commas, e.g. {flag} 512,1024,2048") from None
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -77,8 +70,8 @@ def _plan(args: argparse.Namespace) -> CheckPlan:
         raise UsageError(f"--modes {args.modes!r}: give fwd, fwdbwd and/or train, e.g. --modes fwd,fwdbwd")
     return make_plan(
         args.mixer, options, out=args.out if args.out is not None else None, d_model=args.d_model,
-        contract_only=args.contract_only, lengths=_numbers(args.lengths, "--lengths"), modes=modes,
-        contexts=_numbers(args.contexts, "--contexts"), decode_steps=args.decode_steps, budget_gb=args.budget_gb,
+        contract_only=args.contract_only, lengths=tuple(numbers(args.lengths, "--lengths")), modes=modes,
+        contexts=tuple(numbers(args.contexts, "--contexts")), decode_steps=args.decode_steps, budget_gb=args.budget_gb,
         repeats=args.repeats, threads=args.threads, tasks=tuple(args.tasks.replace(",", " ").split()),
         probe_steps=args.probe_steps, probe_lr=args.probe_lr, probe_batch=args.probe_batch, jobs=args.jobs,
         seed=args.seed, timeout=args.timeout)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.child import Isolation, run_isolated
-from experiments.cli.base import command, table
+from experiments.cli.base import command, numbers, table
 from experiments.config import resolve_device
 from experiments.errors import MeasureError, UsageError
 from experiments.measure import MODES
@@ -101,23 +101,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     q.add_argument("--batch", type=int, default=8, help="evaluation batch size (default 8)")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     _add_common_args(q, None)
-
-
-def _numbers(items: list[str], what: str, cast: type = int) -> list[Any]:
-    out = []
-    for item in items:
-        for part in str(item).replace(",", " ").split():
-            try:
-                v = cast(part)
-            except ValueError:
-                v = None
-            if v is None or v <= 0:
-                raise UsageError(f"{what}: {part!r} is not a positive {'integer' if cast is int else 'number'} "
-                                  f"(give e.g. {what} 512,1024,2048)")
-            out.append(v)
-    if not out:
-        raise UsageError(f"{what}: give at least one value")
-    return sorted(set(out))
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, Any]:
@@ -252,10 +235,10 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--run {args.run}: not a run directory (no spec.json)")
         if not (Path(args.run) / "checkpoint.pt").is_file():
             raise UsageError(f"--run {args.run}: no checkpoint.pt (the run saved no evaluation yet)")
-        return {"kwargs": {"run": str(args.run), "multipliers": _numbers(args.multipliers, "--multipliers", float),
+        return {"kwargs": {"run": str(args.run), "multipliers": numbers(args.multipliers, "--multipliers", float),
                            "bins": args.bins, "tokens": args.tokens, "examples": args.examples,
                            "batch": args.batch, "device": device}}
-    lengths = _numbers(args.lengths, "--lengths")
+    lengths = numbers(args.lengths, "--lengths")
     target = resolve_target(mixer=args.mixer, options=_pairs(args.option, "--option"), d_model=args.d_model,
                             preset=args.preset, spec=args.spec, run=args.run, overrides=_pairs(args.set, "--set"))
     isolation = Isolation(threads=args.threads, timeout=args.timeout, device=device, dtype=args.dtype)

@@ -145,21 +145,29 @@ def test_presets_build():
         ModelSpec.from_preset("jamb")
 
 
-LINEAR_HYBRID = small(n_layers=8, pattern="GDAMRNLB", short_conv=4, positions="rope",
-                      mixer_options={"gated_deltanet": {"head_dim": 8, "num_heads": 2},
-                                     "based": {"num_heads": 4, "num_key_value_heads": 4, "feature_dim": 4},
-                                     "retention": {"num_heads": 4}, "linear_attention": {"num_heads": 4},
-                                     "gla": {"chunk_size": 16}, "deltanet": {"chunk_size": 16}})
+HYBRIDS = {
+    # the linear-attention family between attention and mamba
+    "linear": (small(n_layers=8, pattern="GDAMRNLB", short_conv=4, positions="rope",
+                     mixer_options={"gated_deltanet": {"head_dim": 8, "num_heads": 2},
+                                    "based": {"num_heads": 4, "num_key_value_heads": 4, "feature_dim": 4},
+                                    "retention": {"num_heads": 4}, "linear_attention": {"num_heads": 4},
+                                    "gla": {"chunk_size": 16}, "deltanet": {"chunk_size": 16}}),
+               ["gla", "deltanet", "attention", "mamba", "retention", "gated_deltanet", "linear_attention", "based"]),
+    # the long-convolution, LTI and gated-RNN family between attention and mamba
+    "long_conv": (small(n_layers=7, n_heads=2, pattern="KHYACQM", short_conv=4, positions="rope", mlp="swiglu",
+                        mixer_options={"hyena": {"l_max": 32}, "h3": {"head_dim": 2}}),
+                  ["s4d", "h3", "hyena", "attention", "base_conv", "rg_lru", "mamba"]),
+}
 
 
+@pytest.mark.parametrize("family", HYBRIDS)
 @pytest.mark.parametrize("prefill", [1, 6])
-def test_linear_attention_hybrid_decodes_as_its_forward(prefill):
-    """gla, deltanet, retention, gated_deltanet, linear_attention and based between attention and mamba:
-    a prefill then one-token steps through the model's caches give the full forward's logits."""
-    assert [layer.mixer for layer in LINEAR_HYBRID.resolved_layers] == [
-        "gla", "deltanet", "attention", "mamba", "retention", "gated_deltanet", "linear_attention", "based"]
+def test_hybrid_of_a_family_decodes_as_its_forward(family, prefill):
+    """A prefill then one-token steps through the model's caches give the full forward's logits."""
+    spec, mixers = HYBRIDS[family]
+    assert [layer.mixer for layer in spec.resolved_layers] == mixers
     torch.manual_seed(0)
-    model = LanguageModel(LINEAR_HYBRID).eval()
+    model = LanguageModel(spec).eval()
     ids = torch.randint(0, 64, (2, 40))
     with torch.no_grad():
         full = model(ids)

@@ -78,7 +78,7 @@ def test_a_failed_contract_writes_its_card_and_runs_nothing_else(broken, capsys)
     (["mamba", "d_stat=16"], "d_stat"),
     (["mamba", "d_state"], "expected KEY=VALUE"),
     (["mamba", "--lengths", "512,abc"], "--lengths"),
-    (["mamba", "--lengths", "0"], "positive integers"),
+    (["mamba", "--lengths", "0"], "'0' is not a positive integer"),
     (["mamba", "--modes", "backward"], "--modes"),
     (["mamba", "--tasks", "passkey"], "the probe's tasks are mqar, induction"),
     (["mamba", "--probe-lr", "0"], "--probe-lr"),
