@@ -9,11 +9,14 @@ system); ``initial_state: (B, E)``.
 - `diagonal_recurrence_reference`: the loop over time (the oracle), real or complex;
 - `diagonal_recurrence_step`: one step, for decoding;
 - `diagonal_recurrence`: the fast path for real inputs, forward and backward. The scan is associative
-  (``(a1, x1) then (a2, x2) = (a1 a2, a2 x1 + x2)``), so it runs as a chunked parallel scan: within chunks
-  of ``chunk_size`` steps a Hillis–Steele scan (log2(chunk) whole-tensor passes), across chunks the same
-  scan over the chunks' totals (recursively), then one pass adds each chunk's incoming state times its
-  running decay. Only products of the ``a`` (and sums) are formed — no division, no log-space — so decays
-  in (0, 1] cannot overflow, and strong ones underflow to the right limit, 0. The backward pass is the
+  (``(a1, x1) then (a2, x2) = (a1 a2, a2 x1 + x2)``), so it runs chunk-parallel: the sequence is cut into
+  chunks of ``chunk_size`` steps and the recurrence runs over the positions of a chunk in every chunk at
+  once (``chunk_size`` steps, each over ``B · T/chunk_size · E`` numbers, one pass over the data in all —
+  a work-efficient O(T) scan rather than a Hillis–Steele one's O(T log chunk)); the chunks' totals (running
+  decay products, local final states) are scanned the same way, recursively, and one pass adds each
+  chunk's incoming state times its running decay. Only products of the ``a`` (and sums) are formed — no
+  division, no log-space — so decays in (0, 1] cannot overflow, and strong ones underflow to the right
+  limit, 0. The backward pass is the
   reverse recurrence ``g_t = dh_t + a_{t+1} g_{t+1}`` by the same scan, then ``dx = g``,
   ``da_t = g_t h_{t-1}``, ``d initial_state = a_0 g_0``; saved: ``a`` and the output (O(B·T·E)).
   Computed in float32 for half-precision inputs.
@@ -27,9 +30,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "diagonal_recurrence", "diagonal_recurrence_reference",
-           "diagonal_recurrence_step"]
+           "diagonal_recurrence_step", "recurrence_grads", "recurrence_states"]
 
-DEFAULT_CHUNK_SIZE = 32
+DEFAULT_CHUNK_SIZE = 64
 
 
 def _check(a: Tensor, x: Tensor, initial_state: Tensor | None) -> None:
@@ -72,47 +75,64 @@ def diagonal_recurrence(a: Tensor, x: Tensor, initial_state: Tensor | None = Non
     return _Scan.apply(a.expand_as(x), x, initial_state, chunk_size)
 
 
-def _hillis_steele(a: Tensor, h: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Inclusive scan along ``dim`` of (a, h) pairs in place: afterwards ``h`` holds the states from a zero
-    start and ``a`` the running products of the decays."""
-    n, d = a.shape[dim], 1
-    while d < n:
-        hi, lo = h.narrow(dim, d, n - d), h.narrow(dim, 0, n - d)
-        ahi, alo = a.narrow(dim, d, n - d), a.narrow(dim, 0, n - d)
-        hi.addcmul_(ahi, lo.clone())  # the lower half is read before this pass writes it
-        ahi.mul_(alo.clone())
-        d *= 2
-    return a, h
-
-
 def _scan(a: Tensor, x: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
     """The forward scan (no autograd): states ``(B, T, E)`` from ``a, x`` (contiguous, same shape)."""
     bsz, t, e = x.shape
-    h = x.clone()
-    if h0 is not None:
-        h[:, 0].addcmul_(a[:, 0], h0)
-    if t <= chunk or chunk < 2:  # one scan over the whole sequence
-        return _hillis_steele(a.clone(), h, 1)[1]
+    if t <= chunk or chunk < 2:  # short: the loop itself
+        return diagonal_recurrence_reference(a, x, h0)
     n = -(-t // chunk)
     pad = n * chunk - t
-    if pad:
-        h = torch.cat([h, h.new_zeros(bsz, pad, e)], 1)
-        a = torch.cat([a, a.new_ones(bsz, pad, e)], 1)
-    hc, ac = h.view(bsz, n, chunk, e), a.reshape(bsz, n, chunk, e).clone()
-    _hillis_steele(ac, hc, 2)  # within each chunk, from a zero start
-    # the state entering chunk j: the scan over the chunks' (total decay, final state) pairs, shifted by one
-    ends = _scan(ac[:, :, -1].contiguous(), hc[:, :, -1].contiguous(), None, chunk)
-    hc[:, 1:].addcmul_(ac[:, 1:], ends[:, :-1, None])
+    h = torch.cat([x, x.new_zeros(bsz, pad, e)], 1) if pad else x.clone()
+    a = torch.cat([a, a.new_ones(bsz, pad, e)], 1) if pad else a
+    hc, ac = h.view(bsz, n, chunk, e), a.view(bsz, n, chunk, e)
+    for j in range(1, chunk):  # within every chunk at once, from a zero start
+        hc[:, :, j].addcmul_(ac[:, :, j], hc[:, :, j - 1])
+    decay = torch.cumprod(ac, 2)  # running decay within each chunk
+    # the state leaving chunk j: the same recurrence over the chunks' (total decay, local final state)
+    ends = _scan(decay[:, :, -1].contiguous(), hc[:, :, -1].contiguous(), h0, chunk)
+    hc[:, 1:].addcmul_(decay[:, 1:], ends[:, :-1, None])
+    if h0 is not None:
+        hc[:, 0].addcmul_(decay[:, 0], h0[:, None])
     return h[:, :t]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def recurrence_states(a: Tensor, x: Tensor, initial_state: Tensor | None = None, *,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """The fast scan's forward without autograd: states ``(B, T, E)`` of real ``a, x`` (same shape), in the
+    compute dtype (float32 for half inputs). For ops that fuse the recurrence into their own backward."""
+    ct = _compute_dtype(x)
+    return _scan(a.to(ct).contiguous(), x.to(ct).contiguous(),
+                 None if initial_state is None else initial_state.to(ct), chunk_size)
+
+
+def recurrence_grads(a: Tensor, h: Tensor, grad: Tensor, initial_state: Tensor | None = None, *,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The gradients ``(da, dx, d initial_state)`` of the recurrence from its decays ``a``, its states ``h``
+    (`recurrence_states`) and ``grad = dL/dh``: ``g_t = grad_t + a_{t+1} g_{t+1}`` by the same scan over
+    reversed time, then ``dx = g``, ``da_t = g_t h_{t-1}``, ``d initial_state = a_0 g_0``."""
+    g_in = grad.to(a.dtype).flip(1).contiguous()
+    a_next = torch.cat([a[:, 1:], a.new_zeros(a[:, :1].shape)], 1).flip(1).contiguous()
+    g = _scan(a_next, g_in, None, chunk_size).flip(1)
+    da = torch.empty_like(g)  # g_t h_{t-1}, h_{-1} = initial_state
+    torch.mul(g[:, 1:], h[:, :-1], out=da[:, 1:])
+    if initial_state is None:
+        da[:, 0].zero_()
+        return da, g, None
+    torch.mul(g[:, 0], initial_state.to(h.dtype), out=da[:, 0])
+    return da, g, a[:, 0] * g[:, 0]
 
 
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: Tensor, x: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
-        ct = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        ac, xc = a.to(ct).contiguous(), x.to(ct).contiguous()
+        ct = _compute_dtype(x)
+        ac = a.to(ct).contiguous()
         h0c = None if h0 is None else h0.to(ct)
-        h = _scan(ac, xc, h0c, chunk)
+        h = recurrence_states(ac, x, h0c, chunk_size=chunk)
         ctx.save_for_backward(ac, h, h0c)
         ctx.chunk, ctx.dtypes = chunk, (a.dtype, x.dtype, None if h0 is None else h0.dtype)
         return h.to(x.dtype)
@@ -120,10 +140,5 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         a, h, h0 = ctx.saved_tensors
-        g_in = grad.to(a.dtype).flip(1).contiguous()
-        a_next = torch.cat([a[:, 1:], a.new_zeros(a[:, :1].shape)], 1).flip(1).contiguous()
-        g = _scan(a_next, g_in, None, ctx.chunk).flip(1)  # g_t = dh_t + a_{t+1} g_{t+1}
-        prev = torch.cat([(h0 if h0 is not None else h.new_zeros(h[:, 0].shape))[:, None], h[:, :-1]], 1)
-        da, dx = g * prev, g
-        dh0 = None if h0 is None else (a[:, 0] * g[:, 0]).to(ctx.dtypes[2])
-        return da.to(ctx.dtypes[0]), dx.to(ctx.dtypes[1]), dh0, None
+        da, dx, dh0 = recurrence_grads(a, h, grad, h0, chunk_size=ctx.chunk)
+        return da.to(ctx.dtypes[0]), dx.to(ctx.dtypes[1]), None if dh0 is None else dh0.to(ctx.dtypes[2]), None

@@ -7,8 +7,10 @@ BaseConv's long filter): per channel ``e``,
   (the oracle);
 - `long_conv_fft`: the same by real FFTs, O(T log T): input and filter are zero-padded to a length
   ``n >= T + L - 1`` (a power of two, 2T when L = T) so the circular convolution equals the linear one on
-  the first T outputs; half-precision inputs are computed in float32 and the result cast back. Both are
-  differentiable through torch's own FFTs (the backward is two more transforms per tensor).
+  the first T outputs; half-precision inputs are computed in float32 and the result cast back. It runs a
+  block of channels at a time, so each block's transforms stay in cache (past ~2K steps the whole tensor's
+  do not, and the work turns memory-bound), and its backward is written out: three transforms per block,
+  nothing saved but the inputs (`_FFTConv`).
 
 The mixers work in ``(B, T, E)``; the transforms run over the time axis of a ``(B, E, T)`` copy, where each
 channel's sequence is contiguous.
@@ -17,6 +19,7 @@ channel's sequence is contiguous.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +59,55 @@ def long_conv_fft(u: Tensor, k: Tensor) -> Tensor:
     """`long_conv_reference` of ``u: (B, T, E)`` and ``k: (E, L)`` by real FFTs of length `fft_size`."""
     _check(u, k)
     t = u.shape[1]
-    ct = _compute_dtype(u)
-    kk = k[:, :t].to(ct)
-    n = fft_size(t, kk.shape[1])
-    u_f = torch.fft.rfft(u.to(ct).transpose(1, 2), n=n)  # (B, E, n/2 + 1)
-    k_f = torch.fft.rfft(kk, n=n)  # (E, n/2 + 1)
-    y = torch.fft.irfft(u_f * k_f, n=n)[..., :t]
-    return y.transpose(1, 2).to(u.dtype)
+    kk = k[:, :t]
+    return _FFTConv.apply(u, kk, fft_size(t, kk.shape[1]))
+
+
+#: transform rows (batch x channels) times transform length per block: ~8 MiB of fp32, cache-sized
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def _channel_blocks(batch: int, channels: int, n: int) -> range:
+    step = max(8, _BLOCK_ELEMENTS // (n * batch))
+    return range(0, channels, step)
+
+
+class _FFTConv(torch.autograd.Function):
+    """The FFT convolution a block of channels at a time (its transforms stay in cache), saving only ``u``
+    and ``k``: the backward recomputes their transforms (cheaper than keeping complex copies of both) and
+    takes ``du = irfft(rfft(dy) · conj(rfft(k)))[:T]`` and ``dk = irfft(Σ_b rfft(dy) · conj(rfft(u)))[:L]``
+    (the correlations; exact because ``n >= T + L - 1`` leaves no wrap-around)."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, k: Tensor, n: int) -> Tensor:
+        b, t, e = u.shape
+        ct = _compute_dtype(u)
+        y = torch.empty_like(u)
+        blocks = _channel_blocks(b, e, n)
+        for e0 in blocks:
+            sl = slice(e0, e0 + blocks.step)
+            u_f = torch.fft.rfft(u[:, :, sl].transpose(1, 2).to(ct), n=n)  # (B, e, n/2 + 1)
+            u_f.mul_(torch.fft.rfft(k[sl].to(ct), n=n))
+            y[:, :, sl] = torch.fft.irfft(u_f, n=n)[..., :t].transpose(1, 2)
+        ctx.save_for_backward(u, k)
+        ctx.n = n
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor, None]:
+        u, k = ctx.saved_tensors
+        b, t, e = u.shape
+        n, ct, taps = ctx.n, _compute_dtype(u), k.shape[1]
+        du, dk = torch.empty_like(u), torch.empty_like(k)
+        blocks = _channel_blocks(b, e, n)
+        for e0 in blocks:
+            sl = slice(e0, e0 + blocks.step)
+            dy_f = torch.fft.rfft(dy[:, :, sl].transpose(1, 2).to(ct), n=n)
+            u_f = torch.fft.rfft(u[:, :, sl].transpose(1, 2).to(ct), n=n)
+            k_f = torch.fft.rfft(k[sl].to(ct), n=n)
+            dk[sl] = torch.fft.irfft((u_f.conj() * dy_f).sum(0), n=n)[..., :taps]
+            du[:, :, sl] = torch.fft.irfft(dy_f.mul_(k_f.conj()), n=n)[..., :t].transpose(1, 2)
+        return du, dk, None
 
 
 #: a mixer's ``conv`` option -> the op ("auto" is the FFT: it is the fast path on every device)
