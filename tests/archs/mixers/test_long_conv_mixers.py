@@ -53,6 +53,23 @@ def outputs_and_grads(model, x, cot):
 @pytest.mark.parametrize("t", [1, 63, 257])
 def test_fast_path_equals_reference(name, options, ref, t):
     fast, slow = build(name, options), build(name, {**options, **ref})
+    assert_same_outputs_and_grads(fast, slow, t)
+
+
+@pytest.mark.parametrize("gate_scale", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize(("min_rad", "max_rad"), [(0.0, 0.5), (0.9, 0.999), (0.999, 0.99999)])
+def test_rg_lru_fused_path_equals_reference_for_weak_and_strong_gates(gate_scale, min_rad, max_rad):
+    opts = {"min_rad": min_rad, "max_rad": max_rad, "chunk_size": 16}
+    fast, slow = build("rg_lru", opts), build("rg_lru", {**opts, "scan": "reference"})
+    with torch.no_grad():
+        for p in (fast.a_gate_weight, fast.input_gate_weight):
+            p.mul_(gate_scale)
+        fast.a_gate_bias.fill_(gate_scale - 1.0)
+    assert_same_outputs_and_grads(fast, slow, 101)
+
+
+def assert_same_outputs_and_grads(fast, slow, t):
+    """``slow`` takes ``fast``'s weights; outputs and every gradient agree (the fp64 reference decides)."""
     slow.load_state_dict(fast.state_dict())
     torch.manual_seed(t)
     x = torch.randn(2, t, D)
