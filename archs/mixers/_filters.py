@@ -58,16 +58,18 @@ class ImplicitFilter(nn.Module):
 
     def features(self, length: int, device: torch.device | None = None) -> Tensor:
         """``z(t)`` for ``t = 0 .. length-1``: ``(length, emb_dim)``."""
-        t = torch.arange(length, device=device, dtype=torch.float32)[:, None] / self.l_max
-        angle = 2 * math.pi * t * self.bands.to(t.device)
+        ct = torch.promote_types(self.ffn[0].weight.dtype, torch.float32)
+        t = torch.arange(length, device=device, dtype=ct)[:, None] / self.l_max
+        angle = 2 * math.pi * t * self.bands.to(t.device, ct)
         return torch.cat([t, torch.cos(angle), torch.sin(angle)], -1)
 
     def forward(self, length: int) -> Tensor:
-        """The filters, ``(channels, length)``, fp32."""
+        """The filters, ``(channels, length)``, fp32 (fp64 for a float64 module)."""
         device = self.deltas.device
         z = self.features(length, device)
-        h = self.ffn(z.to(self.ffn[0].weight.dtype)).float()  # (L, channels)
-        t = torch.arange(length, device=device, dtype=torch.float32)[:, None] / self.l_max
+        ct = torch.promote_types(self.ffn[0].weight.dtype, torch.float32)
+        h = self.ffn(z.to(self.ffn[0].weight.dtype)).to(ct)  # (L, channels)
+        t = torch.arange(length, device=device, dtype=ct)[:, None] / self.l_max
         return (h * torch.exp(-t * self.deltas)).t()
 
     def flops(self) -> int:

@@ -71,12 +71,22 @@ class DiagonalSSM(nn.Module):
         for p in (self.log_dt, self.log_A_real, self.A_imag, self.B, self.D):
             p._no_weight_decay = True  # type: ignore[attr-defined]
 
+    @property
+    def _real(self) -> torch.dtype:
+        """The dtype the SSM computes in: float32, or float64 for a float64 module."""
+        return torch.promote_types(self.D.dtype, torch.float32)
+
+    @property
+    def _complex(self) -> torch.dtype:
+        return torch.complex128 if self._real == torch.float64 else torch.complex64
+
     def discretised(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(``ΔA``, ``B̄``, ``C``), complex64 ``(channels, N/2)``."""
-        a = torch.complex(-torch.exp(self.log_A_real.float()), self.A_imag.float())
-        dta = a * torch.exp(self.log_dt.float())[:, None]
-        b_bar = torch.expm1(dta) / a * torch.view_as_complex(self.B.float().contiguous())
-        return dta, b_bar, torch.view_as_complex(self.C.float().contiguous())
+        """(``ΔA``, ``B̄``, ``C``), complex ``(channels, N/2)`` (complex64; complex128 for a float64 module)."""
+        ct = self._real
+        a = torch.complex(-torch.exp(self.log_A_real.to(ct)), self.A_imag.to(ct))
+        dta = a * torch.exp(self.log_dt.to(ct))[:, None]
+        b_bar = torch.expm1(dta) / a * torch.view_as_complex(self.B.to(ct).contiguous())
+        return dta, b_bar, torch.view_as_complex(self.C.to(ct).contiguous())
 
     def kernel(self, length: int) -> Tensor:
         """``K: (channels, length)``, fp32."""
@@ -90,13 +100,13 @@ class DiagonalSSM(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         return torch.zeros(batch_size, self.channels, self.modes, device=device or self.D.device,
-                           dtype=torch.complex64)
+                           dtype=self._complex)
 
     def step(self, u: Tensor, state: Tensor) -> Tensor:
         """The recurrence over ``u: (B, T, channels)`` from ``state: (B, channels, N/2)`` (updated in place);
         returns ``y: (B, T, channels)`` (fp32)."""
         dta, b_bar, c = self.discretised()
-        uf = u.float()
+        uf = u.to(self._real)
         inputs = b_bar * uf[..., None]  # (B, T, channels, N/2)
         if u.shape[1] == 1:
             states = diagonal_recurrence_step(state, torch.exp(dta), inputs[:, 0])[:, None]
@@ -105,10 +115,10 @@ class DiagonalSSM(nn.Module):
             states = diagonal_recurrence_reference(torch.exp(dta).flatten(), inputs.flatten(2), state.flatten(1))
             states = states.view(bsz, t, self.channels, self.modes)
         state.copy_(states[:, -1])
-        return 2 * torch.einsum("bthn,hn->bth", states, c).real + uf * self.D.float()
+        return 2 * torch.einsum("bthn,hn->bth", states, c).real + uf * self.D.to(uf.dtype)
 
     def state_bytes(self, batch_size: int) -> int:
-        return batch_size * self.channels * self.modes * 8  # complex64
+        return batch_size * self.channels * self.modes * self._complex.itemsize
 
     def flops(self, seq_len: int) -> int:
         """Forward FLOPs per token: the kernel (8 per complex multiply-add per mode), the FFT convolution,

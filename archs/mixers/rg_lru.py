@@ -51,8 +51,9 @@ class _RGLRU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, r_logit: Tensor, i_logit: Tensor, u: Tensor, lam: Tensor, c: float, chunk: int) -> Tensor:
-        neg_c_sp = F.softplus(-lam.float()).mul_(-c)  # (W,): c · log σ(Λ)
-        r, i, uf = torch.sigmoid(r_logit.float()), torch.sigmoid(i_logit.float()), u.float()
+        ct = torch.promote_types(u.dtype, torch.float32)
+        neg_c_sp = F.softplus(-lam.to(ct)).mul_(-c)  # (W,): c · log σ(Λ)
+        r, i, uf = torch.sigmoid(r_logit.to(ct)), torch.sigmoid(i_logit.to(ct)), u.to(ct)
         log_a = r * neg_c_sp
         a = torch.exp(log_a)
         b = torch.expm1(log_a.mul_(2)).neg_().sqrt_().mul_(i).mul_(uf)
@@ -64,17 +65,17 @@ class _RGLRU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dh: Tensor) -> tuple[Tensor | None, ...]:
         r, i, uf, h, lam = ctx.saved_tensors
-        neg_c_sp = F.softplus(-lam.float()).mul_(-ctx.c)
+        neg_c_sp = F.softplus(-lam.to(r.dtype)).mul_(-ctx.c)
         log_a = r * neg_c_sp
         a = torch.exp(log_a)
         m = torch.expm1(log_a.mul_(2)).neg_().sqrt_()  # sqrt(1 - a²)
-        da, db, _ = recurrence_grads(a, h, dh.float(), chunk_size=ctx.chunk)
+        da, db, _ = recurrence_grads(a, h, dh.to(r.dtype), chunk_size=ctx.chunk)
         di = db * m
         du = di * i
         di.mul_(uf)
         # d log a = da · a + d m · (−a² / m), with d m = db ⊙ i ⊙ u
         dlog_a = da.mul_(a).sub_(db.mul_(i).mul_(uf).mul_(a.square_()).div_(m))
-        d_lam = (dlog_a * r).sum((0, 1)).mul_(-ctx.c).mul_(-torch.sigmoid(-lam.float()))
+        d_lam = (dlog_a * r).sum((0, 1)).mul_(-ctx.c).mul_(-torch.sigmoid(-lam.to(r.dtype)))
         dr_logit = dlog_a.mul_(neg_c_sp).mul_(r).mul_(1 - r)
         di_logit = di.mul_(i).mul_(1 - i)
         dt = ctx.dtypes
@@ -181,9 +182,9 @@ class RGLRU(Mixer):
     def _lru_inputs(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``a_t`` and the normalised, gated input ``sqrt(1 - a_t²) ⊙ i_t ⊙ u_t``, in fp32 (by autograd: the
         reference path and decoding)."""
-        uf = u.float()
+        uf = u.to(torch.promote_types(u.dtype, torch.float32))
         r, i = (torch.sigmoid(z) for z in self._gate_logits(uf))
-        log_a = -self.opts.c * r * F.softplus(-self.a_param.float())  # c * r * log(sigmoid(Lambda))
+        log_a = -self.opts.c * r * F.softplus(-self.a_param.to(uf.dtype))  # c * r * log(sigmoid(Lambda))
         a = torch.exp(log_a)
         return a, torch.sqrt(-torch.expm1(2 * log_a)) * (i * uf)
 
@@ -198,7 +199,8 @@ class RGLRU(Mixer):
         if backend == "reference":
             h = diagonal_recurrence_reference(*self._lru_inputs(u))
         else:
-            h = _RGLRU.apply(*self._gate_logits(u.float()), u, self.a_param, self.opts.c, self.opts.chunk_size)
+            uf = u.to(torch.promote_types(u.dtype, torch.float32))
+            h = _RGLRU.apply(*self._gate_logits(uf), u, self.a_param, self.opts.c, self.opts.chunk_size)
         return self.linear_out(y * h.to(y.dtype))
 
     # decoding ------------------------------------------------------------------------------------------

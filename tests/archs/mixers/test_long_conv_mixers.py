@@ -57,7 +57,7 @@ def test_fast_path_equals_reference(name, options, ref, t):
 
 
 @pytest.mark.parametrize("gate_scale", [0.1, 1.0, 10.0])
-@pytest.mark.parametrize(("min_rad", "max_rad"), [(0.0, 0.5), (0.9, 0.999), (0.999, 0.99999)])
+@pytest.mark.parametrize(("min_rad", "max_rad"), [(0.01, 0.5), (0.9, 0.999), (0.999, 0.99999)])
 def test_rg_lru_fused_path_equals_reference_for_weak_and_strong_gates(gate_scale, min_rad, max_rad):
     opts = {"min_rad": min_rad, "max_rad": max_rad, "chunk_size": 16}
     fast, slow = build("rg_lru", opts), build("rg_lru", {**opts, "scan": "reference"})
