@@ -23,16 +23,12 @@ activations autograd saves (written once, read back, their gradients written) at
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import package_version, run_meta, write_results
 from experiments.child import Isolation, run_isolated
 from experiments.errors import MeasureError
-from experiments.runs import machine_info
 
 D_MODEL, BATCH, MODE = 256, 4, "fwdbwd"
 
@@ -220,24 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                     msg = (f"{r['time_s']:.3f} s {r['peak_bytes'] / 2**20:8.1f} MiB" if "time_s" in r
                            else r.get("skipped") or r.get("error"))
                     print(f"{layer:18s} T={t:5d} threads={th} {r['path']:14s} {msg}", flush=True)
-    try:
-        from importlib.metadata import version
-
-        fla_version = version("flash-linear-attention")
-    except Exception:  # not installed
-        fla_version = "not installed"
-    given = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python -m benchmarks.linear_attention", *map(shlex.quote, given)]),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
-            "fla": fla_version, "lengths": args.lengths, "threads": args.threads, "rates": rates,
-            "rates_text": "; ".join(f"{th} thread(s): GEMM {r['gemm_gflops']:.0f} GFLOP/s, copy "
-                                    f"{r['bandwidth_gbs']:.1f} GB/s" for th, r in rates.items()),
-            "traffic": traffic}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_name(args.out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    md = render(rows, meta)
-    args.out.with_name(args.out.name + ".md").write_text(md)
-    print(md)
+    meta = run_meta("benchmarks.linear_attention", argv, fla=package_version("flash-linear-attention"),
+                    lengths=args.lengths, threads=args.threads, rates=rates,
+                    rates_text="; ".join(f"{th} thread(s): GEMM {r['gemm_gflops']:.0f} GFLOP/s, copy "
+                                         f"{r['bandwidth_gbs']:.1f} GB/s" for th, r in rates.items()),
+                    traffic=traffic)
+    write_results(args.out, rows, meta, render(rows, meta))
     return 0
 
 

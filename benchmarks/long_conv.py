@@ -25,17 +25,13 @@ log-ratio of T): memory linear in T is 1.0; an FFT convolution's T log T time is
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import package_version, run_meta, write_results
 from experiments.child import Isolation, run_isolated
 from experiments.errors import MeasureError
-from experiments.runs import machine_info
 
 D_MODEL, BATCH, MODE = 256, 4, "fwdbwd"
 
@@ -194,16 +190,6 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_conv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,21 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 msg = (f"{r['time_s']:.3f} s {r['peak_bytes'] / 2**20:8.1f} MiB" if "time_s" in r
                        else r.get("skipped") or r.get("error"))
                 print(f"{layer:18s} {path:9s} T={t:5d} {msg}", flush=True)
-    try:
-        from importlib.metadata import version
-
-        tf_version = version("transformers")
-    except Exception:  # not installed
-        tf_version = "not installed"
-    given = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python -m benchmarks.long_conv", *map(shlex.quote, given)]),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
-            "commit": _commit(), "transformers": tf_version, "lengths": args.lengths, "threads": args.threads}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_name(args.out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    md = render(rows, meta)
-    args.out.with_name(args.out.name + ".md").write_text(md)
-    print(md)
+    meta = run_meta("benchmarks.long_conv", argv, transformers=package_version("transformers"),
+                    lengths=args.lengths, threads=args.threads)
+    write_results(args.out, rows, meta, render(rows, meta))
     return 0
 
 

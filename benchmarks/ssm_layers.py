@@ -20,17 +20,13 @@ rate and memory bandwidth, and each Mamba-1 path's time is shown as a multiple o
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import run_meta, write_results
 from experiments.child import Isolation, run_isolated
 from experiments.errors import MeasureError
-from experiments.runs import machine_info
 
 LAYER = {"d_model": 256, "d_state": 16, "d_conv": 4, "expand": 2}
 BATCH = 4
@@ -296,16 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                     msg = r.get("skipped") or r.get("error")
                 print(f"T={t:5d} {label:16s} {mode:6s} {msg}", flush=True)
 
-    given = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python -m benchmarks.ssm_layers", *map(shlex.quote, given)]),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
-            "threads": args.threads, "layer": {**LAYER, "batch": BATCH, "dtype": "float32"}, "rates": rates,
-            "bounds": {t: {m: bound_seconds(layer_costs(t), rates, m) for m in MODES} for t in args.lengths}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_name(args.out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    md = render(rows, rates, meta, args.lengths)
-    args.out.with_name(args.out.name + ".md").write_text(md)
-    print(md)
+    meta = run_meta("benchmarks.ssm_layers", argv, threads=args.threads,
+                    layer={**LAYER, "batch": BATCH, "dtype": "float32"}, rates=rates,
+                    bounds={t: {m: bound_seconds(layer_costs(t), rates, m) for m in MODES} for t in args.lengths})
+    write_results(args.out, rows, meta, render(rows, rates, meta, args.lengths))
     return 0
 
 

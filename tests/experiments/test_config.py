@@ -71,7 +71,8 @@ def test_cli_train_reports_lengths_a_learned_model_cannot_run(tmp_path, capsys):
 
 def test_ctrl_c_during_train_checkpoints_the_step_and_the_rerun_resumes_there(tmp_path):
     """SIGINT at step 40 of 120 (checkpoints every 100): the run saves step 40 and exits 130; the same command
-    resumes at step 40 and ends where an uninterrupted run ends, to the last bit of the loss."""
+    resumes at step 40 and ends where an uninterrupted run ends, to the last bit of the loss. (The model is
+    big enough that steps 40 to 100 take most of a second: the signal lands before the run ends.)"""
     import json
     import signal
     import subprocess
@@ -80,8 +81,8 @@ def test_ctrl_c_during_train_checkpoints_the_step_and_the_rerun_resumes_there(tm
 
     def cmd(out):
         return [sys.executable, "-m", "experiments", "train", "--mixer", "attention", "--steps", "120", "--out",
-                str(out), "--no-progress", "model.d_model=16", "model.n_layers=1", "model.n_heads=2",
-                "train.batch_size=2", "train.seq_len=16", "train.eval_batches=1", "train.warmup_steps=1",
+                str(out), "--no-progress", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
+                "train.batch_size=4", "train.seq_len=64", "train.eval_batches=1", "train.warmup_steps=1",
                 "train.log_interval=1", "train.eval_interval=100", "--threads", "1"]
 
     def steps(out):
