@@ -72,7 +72,7 @@ def test_cli_train_reports_lengths_a_learned_model_cannot_run(tmp_path, capsys):
 def test_ctrl_c_during_train_checkpoints_the_step_and_the_rerun_resumes_there(tmp_path):
     """SIGINT at step 40 of 120 (checkpoints every 100): the run saves step 40 and exits 130; the same command
     resumes at step 40 and ends where an uninterrupted run ends, to the last bit of the loss. (The model is
-    big enough that steps 40 to 100 take most of a second: the signal lands before the run ends.)"""
+    big enough that steps 40 to 100 take most of a second, so the signal lands before the run ends.)"""
     import json
     import signal
     import subprocess
@@ -92,7 +92,10 @@ def test_ctrl_c_during_train_checkpoints_the_step_and_the_rerun_resumes_there(tm
     straight = tmp_path / "straight"
     subprocess.run(cmd(straight), check=True, capture_output=True, timeout=300)
     out = tmp_path / "run"
-    proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored: give
+    # the run the default disposition, as a terminal would, however the test suite itself was started
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any(e["step"] >= 40 for e in steps(out)):
         time.sleep(0.01)
