@@ -66,6 +66,10 @@ def _run_and_report(args: argparse.Namespace, create: bool = True) -> int:
         print(f"valid: {recipe.study_name}, {size}; nothing was run or written")
         return 0
     runner = _runner(args)
+    if create:
+        from experiments.study.estimate import estimate
+
+        print(estimate(runner.recipe, runner.out, runner.jobs).describe(runner.recipe.study_name), flush=True)
     try:
         counts = runner.run(create=create)
     except KeyboardInterrupt:

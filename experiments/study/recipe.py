@@ -39,7 +39,8 @@ SCALES = ("smoke", "cpu", "gpu")
 SECTIONS: dict[str, tuple[str, ...] | None] = {
     "name": None, "description": None, "base": ("model", "train", "data"), "space": None, "variants": None,
     "axes": None, "objectives": None, "constraints": None, "sampler": ("kind", "seed", "n_startup_trials"),
-    "pruner": ("kind", "n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor", "percentile"),
+    "pruner": ("kind", "n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor", "percentile",
+               "margin"),
     "budget": ("trials", "timeout_s"), "trial": ("timeout_s", "threads", "jobs"), "measure": None, "report": None,
     "scale": SCALES,
 }
@@ -62,6 +63,7 @@ class _Pruner:
     min_resource: int = 1
     reduction_factor: int = 3
     percentile: float = 25.0
+    margin: float = 0.2  # sweep: how far behind a sibling (in the objective's units) a trial is stopped
 
 
 @dataclass(frozen=True)
@@ -403,7 +405,14 @@ class Recipe:
 
     def validate(self) -> None:
         _choose("sampler", self.sampler.get("kind", "tpe"), SAMPLERS)
-        _choose("pruner", self.pruner.get("kind", "none"), PRUNERS)
+        _choose("pruner", self.pruner.get("kind", "none"), [*PRUNERS, "sweep"])
+        if self.pruner.get("kind") == "sweep":
+            if not self.report.get("best_over"):
+                raise RecipeError("pruner.kind='sweep' stops a cell's swept settings that fall behind their "
+                                  "siblings: name the swept parameters in [report] best_over, e.g. ['train.lr']")
+            if not self.pruner.get("margin", 0.2) > 0:
+                raise RecipeError(f"pruner.margin={self.pruner.get('margin')!r} must be positive (how far behind "
+                                  "a sibling, in the objective's units, a trial is stopped)")
         if self.multi_objective and self.pruner.get("kind", "none") != "none":
             raise RecipeError("a multi-objective study cannot prune (Optuna raises on trial.report); optimise one "
                               "objective and put memory or parameters under [constraints], or set pruner.kind='none'")
@@ -467,6 +476,11 @@ class Recipe:
         return SAMPLERS[self.sampler.get("kind", "tpe")](self.sampler)
 
     def make_pruner(self) -> Any:
+        if self.pruner.get("kind") == "sweep":
+            from experiments.study.pruners import SweepPruner
+
+            return SweepPruner(self.report.get("best_over", []), self.pruner.get("margin", 0.2),
+                               self.pruner.get("n_warmup_steps", 0))
         return PRUNERS[self.pruner.get("kind", "none")](self.pruner)
 
 

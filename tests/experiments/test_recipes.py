@@ -16,6 +16,10 @@ def test_reproduce_smoke(name, tmp_path, capsys):
     assert main(["reproduce", name, "--scale", "smoke", "--out", str(out), "--jobs", "2", "--no-progress"]) == 0
     text = capsys.readouterr().out
     recipe = Recipe.load(name, "smoke")
+    # the cost is said before anything runs: the trials, the slots, the wall time from a measured calibration
+    first = text.splitlines()[0]
+    assert first.startswith(f"{recipe.study_name}: {len(recipe.grid_cells())} trials, 2 at a time; estimated at most")
+    assert "training steps timed for" in first and (out / "estimate.json").exists()
     rows = list(csv.DictReader((out / "table.csv").open()))
     cells = len(recipe.grid_cells())
     sweep = recipe.report.get("best_over", [])
@@ -27,7 +31,8 @@ def test_reproduce_smoke(name, tmp_path, capsys):
     assert list(out.glob("*.png")) and list(out.glob("*.svg"))
     # rerunning the finished study resumes it: nothing runs again
     assert main(["study", "run", name, "--scale", "smoke", "--out", str(out), "--no-progress"]) == 0
-    assert "smoke: " + str(cells) + " complete" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "smoke: " + str(cells) + " complete" in again and "calibrated earlier" in again.splitlines()[0]
 
 
 def test_the_linear_attention_family_in_a_search_space():
