@@ -47,15 +47,19 @@ def test_summaries_of_earlier_versions_read_with_their_meaning():
 
 @pytest.mark.parametrize("db", sorted(COMMITTED.glob("*/study.sqlite")), ids=lambda p: p.parent.name)
 def test_committed_studies_open_and_report_as_committed(db, tmp_path):
-    """Studies written by earlier versions (committed beside their tables) read through `TrialRecord` and
-    `mixerlab study report` writes table.md (and table_all.md) equal to the committed ones."""
+    """Studies written by earlier versions (committed beside their tables, with the recipe they ran with where
+    the bundled one has changed since) read through `TrialRecord` and `mixerlab study report` writes table.md
+    (and table_all.md) equal to the committed ones."""
     copy = tmp_path / "study.db"
     shutil.copy(db, copy)  # reading must not touch the committed file
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{copy}")
     records = read_trials(study)
     assert records and all(r.summary is not None for r in records if r.state == "complete")
     name, scale = db.parent.name.rsplit("-", 1)
-    write_report(study, tmp_path / "out", recipe_info=Recipe.load(name, scale).to_dict(), figures=[])
+    ran = db.parent / "recipe.toml"  # the recipe the study ran with, where the bundled one has changed since
+    info = Recipe.load(str(ran) if ran.exists() else name, scale).to_dict()
+    info["source"] = ""  # it ran as the bundled recipe of its day: the table's command names it so
+    write_report(study, tmp_path / "out", recipe_info=info, figures=[])
     for table in ("table.md", "table_all.md"):
         if (db.parent / table).exists():
             want, got = (db.parent / table).read_text(), (tmp_path / "out" / table).read_text()
