@@ -47,7 +47,8 @@ class _RGLRU(torch.autograd.Function):
     """The RG-LRU from its gate logits to its states, fused: forward ``r, i = σ(·)``, ``log a = −c r
     softplus(−Λ)``, ``b = sqrt(1 − a²) ⊙ i ⊙ u``, ``h`` by the chunked scan; it saves ``r, i, u, h`` alone
     and its backward recomputes ``a`` and ``sqrt(1 − a²)`` — the same derivatives autograd takes through
-    `RGLRU._lru_inputs` (the reference), in about half the passes and saved memory. Computed in fp32."""
+    `RGLRU._lru_inputs` (the reference), in about half the passes and saved memory. Computed in fp32
+    (fp64 for fp64 inputs)."""
 
     @staticmethod
     def forward(ctx: Any, r_logit: Tensor, i_logit: Tensor, u: Tensor, lam: Tensor, c: float, chunk: int) -> Tensor:
