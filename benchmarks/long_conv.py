@@ -139,6 +139,11 @@ def growth(rows: list[dict[str, Any]], key: str) -> float | None:
     return math.log(v1 / v0) / math.log(t1 / t0)
 
 
+def _exponent(value: float | None) -> str:
+    # a peak too small to register (0 MiB above the baseline at toy sizes) has no growth to report
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# Long-convolution, LTI and gated-RNN layers on CPU: forward+backward time and peak memory",
@@ -180,8 +185,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             label = "transformers" if layer in PEERS else path
             lines.append(f"| {layer} | {label} | " + " | ".join(cells_t + cells_m) + f" | {vs} |")
             gt, gm = growth(mine, "time_s"), growth(mine, "peak_bytes")
-            if gt is not None:
-                exponents.append(f"| {layer} | {label} | {gt:.2f} | {gm:.2f} |")
+            if gt is not None or gm is not None:
+                exponents.append(f"| {layer} | {label} | {_exponent(gt)} | {_exponent(gm)} |")
     skipped = sorted({r["skipped"] for r in rows if "skipped" in r})
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped) + "."]

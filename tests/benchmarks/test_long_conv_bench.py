@@ -45,3 +45,14 @@ def test_hugging_face_rglru_runs_as_the_peer():
 
     r = bench_hf_rglru(seq_len=16, repeats=1, batch=1)
     assert r["time_s"] > 0 and r["lru_width"] == round(4 / 3 * 256)
+
+
+def test_an_unmeasurable_memory_growth_is_said_not_crashed_on():
+    from benchmarks.long_conv import render
+
+    rows = [{"layer": "s4d", "path": "fast", "seq_len": t, "time_s": s, "peak_bytes": 0}
+            for t, s in ((32, 0.01), (64, 0.02))]
+    meta = {"command": "c", "date": "d", "machine": {"cpu": "x", "cpu_count": 2, "torch": "t"}, "threads": 1,
+            "transformers": "v", "commit": "h", "lengths": [32, 64]}
+    (line,) = [x for x in render(rows, meta).splitlines() if x.startswith("| s4d | fast | ") and x.count("|") == 5]
+    assert [c.strip() for c in line.split("|")[3:5]] == ["1.00", "n/a"]
