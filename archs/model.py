@@ -334,14 +334,14 @@ class LanguageModel(nn.Module):
         """Logits ``(B, T, V)``."""
         return self.lm_head(self.hidden(ids, cache))
 
-    def loss(self, ids: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-        """Mean cross-entropy over the positions whose target is not ``ignore_index``; logits are computed
-        only there."""
+    def loss(self, ids: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+        """Cross-entropy over the positions whose target is not ``ignore_index`` (their mean, or with
+        ``reduction="sum"`` their sum); logits are computed only there."""
         h = self.hidden(ids)
         keep = targets != ignore_index
         if bool(keep.all()):
-            return F.cross_entropy(self.lm_head(h).flatten(0, 1), targets.flatten())
-        return F.cross_entropy(self.lm_head(h[keep]), targets[keep])
+            return F.cross_entropy(self.lm_head(h).flatten(0, 1), targets.flatten(), reduction=reduction)
+        return F.cross_entropy(self.lm_head(h[keep]), targets[keep], reduction=reduction)
 
     # decoding --------------------------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_len: int | None = None) -> ModelCache:

@@ -26,7 +26,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from archs.model import ModelSpec, SpecError
 from experiments.errors import ConfigError, RunError, UsageError
@@ -71,6 +71,12 @@ class TrainSpec:
     eval_examples: int | None = None  # tasks: examples per test slice (default: the task's own)
     target_accuracy: float | None = None  # tasks: stop once an evaluation reaches this test accuracy
     log_interval: int = 10
+    grad_accum: int = 1  # micro-batches per optimiser step (per rank); the global batch stays batch_size
+    parallel: str = "auto"  # over several ranks (torchrun): ddp | fsdp; auto = ddp
+    collective_timeout_s: float = 300.0  # a rank silent this long ends the run (several ranks only)
+
+    #: how the run is spread over processes, not what it computes: a resumed run may change them
+    EXECUTION: ClassVar[tuple[str, ...]] = ("grad_accum", "parallel", "collective_timeout_s")
 
     def __post_init__(self) -> None:
         check_types("TrainSpec", self, RunError)
@@ -79,7 +85,7 @@ class TrainSpec:
             if not ok:
                 raise RunError(f"TrainSpec.{name}={getattr(self, name)!r}: {msg}")
 
-        for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches", "log_interval"):
+        for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches", "log_interval", "grad_accum"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
         for name in ("batch_size", "seq_len", "eval_examples"):
             need((getattr(self, name) or 0) < 2**31, name, "must be below 2^31")
@@ -97,6 +103,10 @@ class TrainSpec:
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
+        need(self.parallel in ("auto", "ddp", "fsdp"), "parallel",
+             "must be auto, ddp (every rank holds the model) or fsdp (parameters sharded over the ranks)")
+        need(math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0, "collective_timeout_s",
+             "must be a positive number of seconds")
         need(self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target_accuracy",
              "must be in (0, 1] or None (train every step)")
 

@@ -227,7 +227,8 @@ class SavedActivations:
 
     def __init__(self, module: Any):
         self.bytes = 0
-        self._skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        # a sharded (FSDP) parameter is a DTensor: its storage is the local shard's
+        self._skip = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in module.parameters()}
         self._seen: set[int] = set()
 
     def _pack(self, t: Any) -> Any:

@@ -73,6 +73,7 @@ class TrialSummary:
     dataset: dict[str, Any] | None = None  # the corpus's or task's full description (summary.json only)
     machine: dict[str, Any] = field(default_factory=dict)
     measure: dict[str, Any] = field(default_factory=dict)  # long-context measurements: memory, decode, context
+    distributed: dict[str, Any] | None = None  # several ranks: world_size, backend, parallel, grad_accum
 
     def value(self, name: str) -> float | None:
         """The metric ``name`` (`experiments.metrics`): from the final evaluation, else the summary's field."""
@@ -219,6 +220,11 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict
     specs = json.loads((run / "spec.json").read_text())
     model = LanguageModel(ModelSpec.from_dict(specs["model"]))
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    if "sharded" in ckpt:  # written by FSDP ranks: a torch.distributed.checkpoint directory beside it
+        from experiments.distributed import World, load_state
+
+        load_state(ckpt, run, model, None, World())
+    else:
+        model.load_state_dict(ckpt["model"])
     specs["step"] = ckpt.get("step")
     return model.to(device).eval(), specs

@@ -11,6 +11,10 @@
 
 Batches are a pure function of ``(seed, step)``, so a run resumed from a checkpoint follows exactly the loss
 curve of an uninterrupted one, and the same seed on the same machine gives the same curve.
+
+Launched by torchrun as several ranks (`experiments.distributed`), every rank trains its rows of each batch
+under DDP or FSDP2; rank 0 alone writes the files above, and the ranks agree on every decision (a
+non-finite loss, Ctrl-C or SIGTERM, a pruner's answer) before acting on it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 
 from archs.model import LanguageModel, ModelSpec
+from experiments import distributed
 from experiments.config import DataSpec, TrainSpec, resolve_device
 from experiments.data.training import CorpusData, TaskData, build_data
 from experiments.errors import RunError
@@ -94,13 +99,22 @@ def _with_defaults(specs: dict[str, Any]) -> dict[str, Any]:
         return specs
 
 
+def _comparable(specs: dict[str, Any]) -> dict[str, Any]:
+    """The specs without how the run is spread over processes (`TrainSpec.EXECUTION`): a resume may change
+    that (another world size, DDP for FSDP, more micro-batches) and still follow the same curve."""
+    train = specs.get("train")
+    if not isinstance(train, dict):
+        return specs
+    return {**specs, "train": {k: v for k, v in train.items() if k not in TrainSpec.EXECUTION}}
+
+
 def check_run_dir(out: Path, specs: dict[str, Any], resume: bool) -> Path | None:
     """The checkpoint to resume from, or None. Refuses a directory that holds another run."""
     spec_path = out / "spec.json"
     if spec_path.exists():
-        recorded = _with_defaults(json.loads(spec_path.read_text()))
-        if recorded != specs:
-            changed = sorted(k for k in specs if recorded.get(k) != specs[k])
+        recorded = _comparable(_with_defaults(json.loads(spec_path.read_text())))
+        if recorded != _comparable(specs):
+            changed = sorted(k for k in specs if recorded.get(k) != _comparable(specs)[k])
             raise RunError(f"{out} holds a run with different {', '.join(changed)} specs; use another --out "
                            f"directory (nothing there was changed)")
         ckpt = out / "checkpoint.pt"
@@ -156,27 +170,29 @@ class _Run:
     """One training run's state: the model, its optimiser, the evaluation curve and where to write."""
 
     def __init__(self, model_spec: ModelSpec, spec: TrainSpec, data: CorpusData | TaskData, out: Path,
-                 device: torch.device, ckpt: Path | None):
-        self.spec, self.data, self.out, self.device = spec, data, out, device
+                 device: torch.device, ckpt: Path | None, world: distributed.World):
+        self.spec, self.data, self.out, self.device, self.world = spec, data, out, device, world
         data.prepare(model_spec)
         if device.type == "cpu":
             _warm_up(model_spec, spec, data, device)
         self.peak = StepPeak(str(device))  # the baseline: data ready, code warm, no model yet
         torch.manual_seed(spec.seed)
         self.model = LanguageModel(model_spec).to(device)
+        loss_sum, self.sync = distributed.wrap(self.model, world, device)  # FSDP shards the model in place
         self.opt = torch.optim.AdamW(_param_groups(self.model, spec.weight_decay), lr=spec.lr,
                                      betas=(spec.beta1, spec.beta2), fused=device.type == "cuda")
         self.start, self.seconds_before, self.last_eval, self.evals = 0, 0.0, {}, []
         if ckpt is not None:
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
+            distributed.load_state(state, out, self.model, self.opt, world)
             torch.set_rng_state(state["rng"])
             self.start, self.seconds_before = state["step"], state["train_seconds"]
             self.last_eval, self.evals = state.get("last_eval", {}), list(state.get("evals", []))
             del state
         self.done = self.start
-        self.loss_fn = torch.compile(self.model.loss) if spec.compile else self.model.loss
+        self.stop_agreed = False  # a rank asked to stop (Ctrl-C, SIGTERM) at the last step's exchange
+        self.diverged_ranks: list[int] = []
+        self.loss_fn = torch.compile(loss_sum) if spec.compile else loss_sum
         self.bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
         self.activations: int | None = None
         self.split: dict[str, Any] | None = None
@@ -188,31 +204,49 @@ class _Run:
     def seconds(self) -> float:
         return self.seconds_before + time.time() - self.t_run
 
-    def step(self, step: int) -> float:
-        """One optimiser step; its loss (when that is not finite, nothing is updated)."""
+    def step(self, step: int, stop_requested: bool = False) -> float:
+        """One optimiser step over the global batch (this rank's rows of it, in ``grad_accum`` micro-batches);
+        its loss, the mean over the batch's answer tokens (when that is not finite, nothing is updated).
+        ``stop_requested``: this rank was asked to stop; the ranks exchange it with their losses."""
         self.model.train()
         x, y = self.data.batch(self.spec.batch_size, _step_generator(self.spec.seed, step))
-        x, y = x.to(self.device), y.to(self.device)
+        count = int((y != -100).sum())  # answer tokens of the whole batch: every rank divides by the same
+        x, y = self.world.rows(x), self.world.rows(y)
         for group in self.opt.param_groups:
             group["lr"] = self.spec.lr_at(step)
         first = step == self.start
         if first:
             self.peak.begin()
-        counting = first and not self.spec.compile  # hooks and torch.compile do not mix
-        saved = SavedActivations(self.model) if counting else contextlib.nullcontext()
-        with self.autocast(), saved:
-            loss = self.loss_fn(x, y)
-        if counting:
-            self.activations = saved.bytes
-        if not torch.isfinite(loss):
-            return loss.item()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total, finite, accum = 0.0, True, self.spec.grad_accum
+        for i, (mx, my) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
+            counting = first and i == 0 and not self.spec.compile  # hooks and torch.compile do not mix
+            saved = SavedActivations(self.model) if counting else contextlib.nullcontext()
+            with self.sync(i == accum - 1), self.autocast(), saved:
+                summed = self.loss_fn(mx.to(self.device), my.to(self.device))
+                loss = summed * (self.world.size / max(count, 1))  # DDP and FSDP average over the ranks
+            if counting:
+                self.activations = saved.bytes
+            value = summed.item() / max(count, 1)
+            total += value
+            if not math.isfinite(value):
+                finite = False
+                if self.world.size == 1:
+                    return value
+            with self.sync(i == accum - 1):
+                loss.backward()
+        if self.world.size > 1:  # every rank's loss and stop request, so that all decide alike
+            shared = distributed.gather_scalars(self.world, total if finite else math.nan, float(stop_requested))
+            self.stop_agreed = bool(shared[:, 1].any())
+            self.diverged_ranks = [r for r in range(self.world.size) if not math.isfinite(shared[r, 0])]
+            total = float(shared[:, 0].sum())
+        if not math.isfinite(total):
+            return total
         if self.spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
         self.opt.step()
         self.done = step + 1
-        return loss.item()
+        return total
 
     def end_memory(self) -> None:
         """Close the memory window (before an evaluation, or after `StepPeak.steps` steps)."""
@@ -225,12 +259,12 @@ class _Run:
     def evaluate(self, final: bool) -> dict[str, Any]:
         self.model.eval()
         with self.autocast():
-            return self.data.evaluate(self.model, self.device, final=final)
+            return self.data.evaluate(self.model, self.device, final=final)  # sharded over the ranks
 
     def save(self) -> None:
-        save_torch({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.done,
-                    "rng": torch.get_rng_state(), "train_seconds": self.seconds(), "last_eval": self.last_eval,
-                    "evals": self.evals}, self.out / "checkpoint.pt")
+        extra = {"step": self.done, "rng": torch.get_rng_state(), "train_seconds": self.seconds(),
+                 "last_eval": self.last_eval, "evals": self.evals}
+        distributed.save_state(self.out, self.world, self.model, self.opt, extra, save_torch)
 
 
 @dataclass(frozen=True)
@@ -248,11 +282,14 @@ class Plan:
         return iter((self.model_spec, self.data, self.device))
 
 
-def plan(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec) -> Plan:
-    """Validate a run completely without writing anything: the device, the data (corpus loaded, task built),
-    the pairing of specs, the model built on the meta device, and a lower bound of its memory against what
-    the device has free. Raises a `MixerlabError` naming the field and the fix."""
+def plan(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, world_size: int | None = None) -> Plan:
+    """Validate a run completely without writing anything: the device, the split of the batch over
+    ``world_size`` ranks (default: the world torchrun launched this process in) and ``grad_accum``, the data
+    (corpus loaded, task built), the pairing of specs, the model built on the meta device, and a lower bound
+    of its memory against what the device has free. Raises a `MixerlabError` naming the field and the fix."""
     device = resolve_device(train_spec.device)
+    distributed.check(train_spec.batch_size, train_spec.grad_accum,
+                      distributed.env_world_size() if world_size is None else world_size)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slowed CPU training by up to ~20x here
     data = build_data(data_spec, train_spec)
@@ -276,8 +313,8 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
     """Train, evaluate and checkpoint; return the `TrialSummary` (also written to ``out_dir/summary.json``).
 
     ``on_eval(step, metrics)`` runs after every evaluation (and its checkpoint) and may raise `StopTraining`
-    (`Pruned` for a pruned run). ``stop_at`` ends the run after that step with status ``stopped`` (a
-    checkpoint is written; rerunning resumes).
+    (`Pruned` for a pruned run); over several ranks, rank 0's runs and every rank obeys it. ``stop_at`` ends
+    the run after that step with status ``stopped`` (a checkpoint is written; rerunning resumes).
     """
     t_start = time.time()
     if threads:
@@ -285,19 +322,29 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
     model_spec, data, device = plan(model_spec, train_spec, data_spec)
     specs = {"model": model_spec.to_dict(), "train": train_spec.to_dict(), "data": data_spec.to_dict()}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = check_run_dir(out, specs, resume)
+    ckpt = check_run_dir(out, specs, resume) if out.is_dir() else None  # read by every rank before any writes
     finished = _finished(out) if ckpt is not None else None
     if finished is not None:
         logger.warning("%s holds this run, finished (%s at step %d); nothing was changed — use another --out "
                        "to train it again", out, finished.status, finished.steps)
         return finished
-    write_json(out / "spec.json", specs)
-    run = _Run(model_spec, train_spec, data, out, device, ckpt)
-    with _Interrupts() as interrupts:
-        status = _loop(run, on_eval, stop_at, progress, interrupts)
-    summary = _summary(run, status, model_spec, specs, t_start)
-    write_json(out / "summary.json", summary.to_json())
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    world, device = distributed.join(device, train_spec.parallel, train_spec.collective_timeout_s)
+    try:
+        if world.main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "spec.json", specs)
+        distributed.barrier(world)
+        run = _Run(model_spec, train_spec, data, out, device, ckpt, world)
+        with _Interrupts() as interrupts:
+            status = _loop(run, on_eval, stop_at, progress and world.main, interrupts)
+        summary = _summary(run, status, model_spec, specs, t_start)
+        if world.main:
+            write_json(out / "summary.json", summary.to_json())
+        distributed.barrier(world)
+    finally:
+        if owned:
+            distributed.leave(world)
     return summary
 
 
@@ -350,21 +397,27 @@ def _loop(run: _Run, on_eval: Callable[[int, dict[str, Any]], None] | None, stop
     target_step = _target_reached(spec, run.evals)  # a resumed run may have reached it already
     status = "completed"
     metrics = run.out / "metrics.jsonl"
-    _truncate_metrics(metrics, run.start)
-    with metrics.open("a") as log, _progress(total, run.start, progress) as bar:
+    if run.world.main:
+        _truncate_metrics(metrics, run.start)
+    log_file = metrics.open("a") if run.world.main else open(os.devnull, "w")  # noqa: SIM115 — closed below
+    with log_file as log, _progress(total, run.start, progress) as bar:
         for step in range(run.start, total):
             if target_step is not None:
                 break
-            if interrupts.requested or (stop_at is not None and step >= stop_at):
-                status = "interrupted" if interrupts.requested else "stopped"
+            # several ranks act on the request they agreed on at the last step, so that all stop together
+            requested = run.stop_agreed if run.world.size > 1 else bool(interrupts.requested)
+            if requested or (stop_at is not None and step >= stop_at):
+                status = "interrupted" if requested else "stopped"
                 run.end_memory()
                 run.save()
                 break
-            loss = run.step(step)
+            loss = run.step(step, bool(interrupts.requested))
             if not math.isfinite(loss):
                 status = "diverged"
-                _log(log, {"event": "diverged", "step": step + 1, "loss": loss})
-                run.last_eval = {**run.last_eval, "diverged_at_step": step + 1}
+                where = {"ranks": run.diverged_ranks} if run.world.size > 1 else {}
+                _log(log, {"event": "diverged", "step": step + 1, "loss": loss, **where})
+                run.last_eval = {**run.last_eval, "diverged_at_step": step + 1,
+                                 **({"diverged_on_ranks": run.diverged_ranks} if where else {})}
                 break
             done = run.done
             evaluating = done % spec.eval_interval == 0 or done == total
@@ -380,14 +433,29 @@ def _loop(run: _Run, on_eval: Callable[[int, dict[str, Any]], None] | None, stop
                 continue
             target_step = _evaluate(run, log, done, tokens_per_step)
             run.save()
-            if on_eval is not None:
-                try:
-                    on_eval(done, run.last_eval)
-                except StopTraining as stop:
-                    status = stop.status
+            if on_eval is not None or run.world.size > 1:  # ranks other than 0 take rank 0's answer
+                stop = _answer(run.world, on_eval, done, run.last_eval)
+                if stop is not None:
+                    status = stop
                     break
     run.end_memory()
     return status
+
+
+_STOP_CODES = {0: None, 1: "pruned", 2: "interrupted"}
+
+
+def _answer(world: distributed.World, on_eval: Callable[[int, dict[str, Any]], None] | None, step: int,
+            metrics: dict[str, Any]) -> str | None:
+    """Rank 0 asks ``on_eval`` (a study's pruner, its coordinator); every rank gets the answer: None to go
+    on, else the status to end with."""
+    code = 0
+    if world.main and on_eval is not None:
+        try:
+            on_eval(step, metrics)
+        except StopTraining as stop:
+            code = 1 if stop.status == "pruned" else 2
+    return _STOP_CODES[distributed.broadcast_int(world, code)]
 
 
 def _evaluate(run: _Run, log: Any, done: int, tokens_per_step: int) -> int | None:
@@ -424,6 +492,7 @@ def _summary(run: _Run, status: str, model_spec: ModelSpec, specs: dict[str, Any
         memory_method=run.peak.method, memory_scope=SCOPE_STEPS, memory_split=run.split,
         corpus_hash=corpus.get("content_hash"), unigram_bpb=described.get("unigram_bpb"),
         task=(described.get("task") or {}).get("task"), layer_pattern=model_spec.layer_pattern,
+        distributed=run.world.describe(run.spec.grad_accum) if run.world.size > 1 else None,
         model=specs["model"], train=specs["train"], data=specs["data"], dataset=described, machine=machine_info())
 
 

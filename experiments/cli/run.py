@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from experiments.cli.base import command, table
@@ -23,7 +24,11 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimiser steps (= train.steps=N)")
     p.add_argument("--out", default=None, help="run directory (default runs/train-<model>-<data>); rerunning "
                                                "into the same directory resumes from its checkpoint")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (per process)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train one model over N processes on this machine (torchrun's elastic agent, gloo on CPU, "
+                        "NCCL on GPUs; train.parallel=ddp|fsdp); the global batch stays train.batch_size. For "
+                        "several machines run `torchrun --nnodes ... -m experiments train ...` on each")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true",
                    help="validate everything (specs, data, the model built on the meta device, a memory bound) "
@@ -54,14 +59,30 @@ def _run_train(args: argparse.Namespace) -> int:
     model, train_spec, data = build_specs(apply_overrides(config, args.overrides))
     label = data.task or data.corpus
     out = args.out or f"runs/train-{args.preset or model.layer_pattern.lower()}-{label}"
-    if args.check:
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: must be a positive number of processes")
+    from experiments.distributed import env_world_size
+
+    if args.nproc > 1 and env_world_size() > 1:
+        raise UsageError(f"--nproc {args.nproc} under torchrun (WORLD_SIZE={env_world_size()}): torchrun "
+                         f"starts the processes already; drop --nproc")
+    if args.check or args.nproc > 1:
         from experiments.train import plan
 
-        checked = plan(model, train_spec, data)
-        print(f"valid: {checked.model_spec.layers_text}, {checked.params:,} parameters, needs at least "
-              f"{checked.need_bytes / 2**20:,.0f} MiB; nothing was written")
+        checked = plan(model, train_spec, data, world_size=max(args.nproc, env_world_size()))
+        if args.check:
+            print(f"valid: {checked.model_spec.layers_text}, {checked.params:,} parameters, needs at least "
+                  f"{checked.need_bytes / 2**20:,.0f} MiB; nothing was written")
+            return 0
+    if args.nproc > 1:  # everything is valid: start the ranks, each running this command without --nproc
+        from experiments.distributed import launch
+
+        launch(["train", *_without_nproc(args.argv[args.argv.index("train") + 1:]), "--out", out], args.nproc,
+               threads=args.threads)
         return 0
     summary = train(model, train_spec, data, out, progress=not args.no_progress, threads=args.threads)
+    if env_world_size() > 1 and os.environ.get("RANK", "0") != "0":  # rank 0 prints the run's table
+        return 0
     final = summary.final
     rows = [["status", summary.status], ["steps", f"{summary.steps}/{summary.total_steps}"],
             ["params", f"{summary.params:,}"], ["layers", model.layers_text]]
@@ -78,6 +99,9 @@ def _run_train(args: argparse.Namespace) -> int:
             rows += [["  n/a", final["not_applicable"]]]
     if summary.peak_memory_mib is not None:
         rows += [["peak memory (training steps)", f"{summary.peak_memory_mib:,.1f} MiB"]]
+    if summary.distributed:
+        d = summary.distributed
+        rows += [["processes", f"{d['world_size']} ({d['parallel']}, {d['backend']}; peak memory is rank 0's)"]]
     rows += [["tokens/s (train)", f"{summary.tokens_per_s:,.0f}"], ["wall time", f"{summary.wall_seconds:.1f} s"],
              ["backends", ", ".join(sorted({str(b) for b in summary.backends.values()}))], ["out", out]]
     print(table(rows, ["", "value"]))
@@ -86,6 +110,18 @@ def _run_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     return 0 if summary.status in ("completed", "stopped") else 1
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 # generate ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from experiments.distributed import map_sharded
+
 __all__ = ["CorpusData", "TaskData", "build_data", "position_losses"]
 
 
@@ -23,13 +25,18 @@ def position_losses(model: Any, corpus: Any, split: str, seq_len: int, batch_siz
                     max_batches: int | None, device: torch.device | str) -> tuple[Tensor, Tensor]:
     """Summed next-token loss and the number of windows at each position ``(T,)`` (float64), over the
     split's non-overlapping windows of ``seq_len`` in order (at most ``max_batches`` batches)."""
-    sums = torch.zeros(seq_len, dtype=torch.float64)
-    counts = torch.zeros(seq_len, dtype=torch.float64)
-    for x, y in corpus.eval_batches(split, batch_size, seq_len, max_batches):
+    def losses(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        x, y = batch
         logits = model(x.to(device))  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="none")
-        sums += loss.view(x.shape).double().sum(0).cpu()
-        counts += x.shape[0]
+        return loss.view(x.shape).double().sum(0).cpu(), x.shape[0]
+
+    sums = torch.zeros(seq_len, dtype=torch.float64)
+    counts = torch.zeros(seq_len, dtype=torch.float64)
+    # over several ranks each evaluates its share of the batches; the sums are taken in order on every rank
+    for batch_sums, n in map_sharded(losses, list(corpus.eval_batches(split, batch_size, seq_len, max_batches))):
+        sums += batch_sums
+        counts += n
     return sums, counts
 
 

@@ -41,7 +41,8 @@ SECTIONS: dict[str, tuple[str, ...] | None] = {
     "axes": None, "objectives": None, "constraints": None, "sampler": ("kind", "seed", "n_startup_trials"),
     "pruner": ("kind", "n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor", "percentile",
                "margin"),
-    "budget": ("trials", "timeout_s"), "trial": ("timeout_s", "threads", "jobs"), "measure": None, "report": None,
+    "budget": ("trials", "timeout_s"), "trial": ("timeout_s", "threads", "jobs", "nproc"), "measure": None,
+    "report": None,
     "scale": SCALES,
 }
 MEASURES = {"memory": ("lengths", "mode", "batch", "of", "repeats"), "decode": ("contexts", "steps", "batch"),
@@ -77,6 +78,7 @@ class _Trial:
     timeout_s: float = 3600.0
     threads: int | None = None
     jobs: int = 1
+    nproc: int = 1
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ _MEASURE_TYPES = {"memory": _Memory, "decode": _Decode, "context": _Context}
 #: (section, field) -> (smallest allowed, why)
 _LOWER = {("sampler", "seed"): 0, ("sampler", "n_startup_trials"): 0, ("pruner", "n_startup_trials"): 0,
           ("pruner", "n_warmup_steps"): 0, ("pruner", "min_resource"): 1, ("pruner", "reduction_factor"): 2,
-          ("budget", "trials"): 1, ("trial", "threads"): 0, ("trial", "jobs"): 1}
+          ("budget", "trials"): 1, ("trial", "threads"): 0, ("trial", "jobs"): 1,
+          ("trial", "nproc"): 1}
 
 
 def _check_types(doc: dict[str, Any]) -> None:
@@ -336,6 +339,7 @@ class Recipe:
     trial_timeout_s: float
     threads: int | None
     jobs: int = 1  # trial subprocesses in parallel when the command line does not say (--jobs)
+    nproc: int = 1  # ranks of one trial (torchrun on the worker's machine; `experiments.distributed`)
     measure: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -382,7 +386,8 @@ class Recipe:
                      constraints=constraints, sampler=dict(doc.get("sampler", {"kind": "tpe"})),
                      pruner=dict(doc.get("pruner", {"kind": "none"})), trials=budget.get("trials"),
                      timeout_s=budget.get("timeout_s"), trial_timeout_s=float(trial.get("timeout_s", 3600)),
-                     threads=trial.get("threads"), jobs=int(trial.get("jobs", 1)), measure=_measure(doc),
+                     threads=trial.get("threads"), jobs=int(trial.get("jobs", 1)),
+                     nproc=int(trial.get("nproc", 1)), measure=_measure(doc),
                      report=dict(doc.get("report", {})), source=source)
         recipe.validate()
         return recipe

@@ -72,15 +72,16 @@ class StudyRunner:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "recipe.json"
         mine = self.recipe.to_dict()
-        mine.pop("source", None)
         if path.exists():
             theirs = json.loads(path.read_text())
-            theirs.pop("source", None)
+            for key in ("source", *_EXECUTION):  # not what the trials compute: a resume may change them
+                theirs.pop(key, None)
+            mine = {k: v for k, v in mine.items() if k not in _EXECUTION and k != "source"}
             if theirs != mine:
                 changed = sorted(k for k in mine if theirs.get(k) != mine.get(k))
                 raise RecipeError(f"{self.out} holds a study of a different recipe (fields differ: "
                                   f"{', '.join(changed)}); use another --out directory — nothing was changed")
-        write_json(path, {**mine, "source": self.recipe.source})
+        write_json(path, self.recipe.to_dict())
 
     def open(self, create: bool = True, wait_s: float = 120.0) -> Any:
         """Open (or create) the study; a worker waits up to ``wait_s`` for its coordinator to create it."""
@@ -217,7 +218,7 @@ class StudyRunner:
         self._resume_files(trial, config, run_dir)
         isolation = Isolation(threads=self.recipe.threads, timeout=self.recipe.trial_timeout_s, ignore_sigint=True,
                               on_parent_death="SIGTERM")
-        process = TrialProcess(config, run_dir, isolation, self.recipe.measure)
+        process = TrialProcess(config, run_dir, isolation, self.recipe.measure, nproc=self.recipe.nproc)
         objective, taken = self.recipe.objectives[0][0], threading.Event()
 
         def on_eval(step: int, metrics: dict[str, Any]) -> str:
@@ -287,6 +288,10 @@ class StudyRunner:
                 shutil.copy2(old_dir / name, run_dir / name)
         trial.set_user_attr(ledger.RESUMED_FROM, number)
         self.log(f"trial {trial.number} resumes trial {number} from its last checkpoint")
+
+
+#: recipe fields that say how trials run, not what they compute (a resumed study may change them)
+_EXECUTION = ("jobs", "nproc")
 
 
 def _sigterm_interrupts() -> Callable[[], None]:

@@ -6,10 +6,16 @@ metrics and waits for the coordinator's answer: "continue", "prune" (a pruner sa
 SIGTERM, or the trial was finished elsewhere). After training it runs the recipe's long-context
 measurements and returns its `TrialSummary`. A crash, an out-of-memory kill, a timeout or a diverged loss is
 a failed trial with the reason, never a failed study.
+
+A recipe's ``[trial] nproc = N`` trains each trial over N ranks on the worker's machine: the child starts
+them under torchrun's elastic agent (`experiments.distributed.launch`), rank 0 inherits the child's pipes
+and speaks the protocol (each evaluation, the coordinator's answer), and the child measures and returns the
+summary rank 0 wrote.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,10 +51,11 @@ class TrialProcess:
     """
 
     def __init__(self, config: dict[str, Any], run_dir: Path, isolation: Isolation,
-                 measure: dict[str, Any] | None = None):
+                 measure: dict[str, Any] | None = None, nproc: int = 1):
         self.run_dir = Path(run_dir)
         self.isolation = isolation
-        self.kwargs = {"config": config, "out": str(run_dir), "measure": measure or {}, "threads": isolation.threads}
+        self.kwargs = {"config": config, "out": str(run_dir), "measure": measure or {}, "threads": isolation.threads,
+                       "nproc": nproc}
         self.child: ChildProcess | None = None
         self._started = threading.Event()
 
@@ -93,15 +100,9 @@ class TrialProcess:
         return Outcome("complete", "", summary)
 
 
-def run_trial(config: dict[str, Any], out: str, measure: dict[str, Any], threads: int | None,
-              channel: Channel) -> dict[str, Any]:
-    """The child's side: train, report each evaluation and obey the answer, measure, return the summary."""
-    from archs.model import ModelSpec
-    from experiments.config import build_specs
-    from experiments.probes import run_probes
-    from experiments.train import StopTraining, train
-
-    model, train_spec, data = build_specs(config)
+def _asking(channel: Channel) -> Callable[[int, dict[str, Any]], None]:
+    """The eval callback that reports to the coordinator and obeys its answer."""
+    from experiments.train import StopTraining
 
     def on_eval(step: int, metrics: dict[str, Any]) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -109,8 +110,49 @@ def run_trial(config: dict[str, Any], out: str, measure: dict[str, Any], threads
         if answer != "continue":
             raise StopTraining(_STOPS.get(answer, answer))
 
-    summary = train(model, train_spec, data, out, on_eval=on_eval, progress=False)
+    return on_eval
+
+
+def run_trial(config: dict[str, Any], out: str, measure: dict[str, Any], threads: int | None,
+              channel: Channel, nproc: int = 1) -> dict[str, Any]:
+    """The child's side: train (over ``nproc`` ranks), report each evaluation and obey the answer, measure,
+    return the summary."""
+    from archs.model import ModelSpec
+    from experiments.config import build_specs
+    from experiments.probes import run_probes
+    from experiments.train import plan, train
+
+    model, train_spec, data = build_specs(config)
+    if nproc > 1:
+        from experiments.distributed import launch
+
+        plan(model, train_spec, data, world_size=nproc)  # a bad split of the batch fails here, not in N ranks
+        launch([json.dumps(config), out], nproc, threads=threads, handle_sigint=False,
+               module="experiments.study.trial")
+        summary = TrialSummary.from_json(json.loads((Path(out) / "summary.json").read_text()))
+    else:
+        summary = train(model, train_spec, data, out, on_eval=_asking(channel), progress=False)
     if measure and summary.status == "completed":
         summary.measure = run_probes(measure, out, ModelSpec.from_dict(summary.model), data.kind == "task",
                                      Isolation(threads=threads, timeout=1800))
     return summary.to_json()
+
+
+def _rank_main() -> None:
+    """One rank of a trial over several (``python -m experiments.study.trial CONFIG_JSON OUT`` under
+    torchrun): rank 0 reports to the coordinator through the pipes it inherited."""
+    import os
+    import sys
+
+    from experiments.config import build_specs
+    from experiments.train import train
+
+    config, out = json.loads(sys.argv[1]), sys.argv[2]
+    on_eval = _asking(Channel()) if os.environ.get("RANK") == "0" else None
+    train(*build_specs(config), out, on_eval=on_eval, progress=False)
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(_rank_main)()

@@ -237,12 +237,17 @@ class SyntheticTask:
         test_set: Sequence[TaskBatch] | None = None,
         batch_size: int = 64,
     ) -> dict[str, Any]:
-        """Run `predict` (inputs (b, T) -> logits (b, T, V) or ids (b, T)) over the test set in chunks; report."""
+        """Run `predict` (inputs (b, T) -> logits (b, T, V) or ids (b, T)) over the test set in chunks; report.
+        In a run over several ranks, each predicts its share of the chunks and all get every prediction."""
+        from experiments.distributed import map_sharded
+
         test_set = self.test_set() if test_set is None else test_set
-        outputs = []
-        for batch in test_set:
-            chunks = [predict(batch.inputs[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
-            outputs.append(torch.cat([predictions_of(c) for c in chunks]))
+        chunks = [(n, i) for n, batch in enumerate(test_set) for i in range(0, len(batch), batch_size)]
+        predicted = map_sharded(lambda c: predictions_of(predict(test_set[c[0]].inputs[c[1]:c[1] + batch_size])),
+                                chunks)
+        outputs = [torch.cat([p for (n, _), p in zip(chunks, predicted, strict=True) if n == k] or
+                             [torch.empty(0, batch.inputs.shape[1], dtype=torch.long)])
+                   for k, batch in enumerate(test_set)]
         return accuracy_report(outputs, test_set)
 
     def describe(self) -> dict[str, Any]:
