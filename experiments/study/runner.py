@@ -283,9 +283,14 @@ class StudyRunner:
         if old.config != json.loads(json.dumps(config)) or not (old_dir / "checkpoint.pt").exists():
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("spec.json", "metrics.jsonl", "checkpoint.pt"):  # the checkpoint last: it means "resume"
-            if (old_dir / name).exists():
-                shutil.copy2(old_dir / name, run_dir / name)
+        from experiments.distributed import checkpoint_files
+
+        # the checkpoint last (after an FSDP trial's shard directories): it means "resume"
+        for path in [old_dir / "spec.json", old_dir / "metrics.jsonl", *checkpoint_files(old_dir)]:
+            if path.is_dir():
+                shutil.copytree(path, run_dir / path.name)
+            elif path.exists():
+                shutil.copy2(path, run_dir / path.name)
         trial.set_user_attr(ledger.RESUMED_FROM, number)
         self.log(f"trial {trial.number} resumes trial {number} from its last checkpoint")
 

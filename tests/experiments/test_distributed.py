@@ -191,3 +191,33 @@ def test_a_study_whose_trials_span_two_ranks(tmp_path):
     assert bad.state == TrialState.PRUNED and sorted(bad.intermediate_values) == [4]
     bad_summary = json.loads((tmp_path / "trials" / f"{bad.number:04d}" / "summary.json").read_text())
     assert bad_summary["status"] == "pruned" and bad_summary["steps"] == 4  # both ranks stopped there
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    """A scheduler's preemption of `mixerlab train --nproc 2`: the ranks agree on the step to stop at, rank 0
+    checkpoints it, nothing is left running, and the same command resumes and logs every step once."""
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "experiments", "train", "--nproc", "2", "--threads", "1", "--no-progress",
+           "--out", str(out), "--pattern", "AM", "--steps", "3000", "model.d_model=16", "model.n_layers=2",
+           "train.batch_size=4", "train.seq_len=32", "train.eval_interval=5000", "train.log_interval=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 20):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "interrupted at step" in output, output[-2000:]
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 20 <= step < 3000 and json.loads(metrics.read_text().splitlines()[-1])["step"] == step
+    assert not ranks_alive(str(out))
+    # resume only to just past the stop (stop_at), not the whole schedule
+    config = {"model": {"d_model": 16, "n_layers": 2, "pattern": "AM"},
+              "train": {"steps": 3000, "batch_size": 4, "seq_len": 32, "eval_interval": 5000, "log_interval": 1},
+              "data": {"corpus": "stdlib"}}
+    run_ranks(config, out, 2, stop_at=step + 5)
+    steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["event"] == "train"]
+    assert steps == list(range(1, step + 6))
