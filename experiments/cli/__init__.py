@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from experiments.cli import check, info, measure, run, study  # noqa: F401 — each registers its commands
+from experiments.cli import check, hf, info, measure, run, study  # noqa: F401 — each registers its commands
 from experiments.cli.base import COMMANDS
 from registry import MixerlabError
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log which backend each mixer runs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    first = ("list", "doctor", "check", "train", "generate", "measure", "study", "reproduce")
+    first = ("list", "doctor", "check", "train", "generate", "measure", "study", "reproduce", "export", "import-hf")
     for name in sorted(COMMANDS, key=lambda n: (first.index(n) if n in first else len(first), n)):
         help_text, configure, _run = COMMANDS[name]
         configure(sub.add_parser(name, help=help_text, description=help_text))
