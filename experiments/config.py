@@ -141,9 +141,13 @@ class DataSpec:
     corpus: str | None = "stdlib"
     task: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # the corpus's or the task's options
+    tokenizer: str = "bytes"  # corpora: "bytes" or a local Hugging Face tokenizer directory
 
     def __post_init__(self) -> None:
         check_types("DataSpec", self, RunError)
+        if self.task is not None and self.tokenizer != "bytes":
+            raise RunError(f"DataSpec.tokenizer={self.tokenizer!r} with task {self.task!r}: synthetic tasks make "
+                           f"their own token ids; a tokenizer applies to a corpus (drop data.tokenizer)")
         if self.task is not None and self.corpus is not None and self.corpus != "stdlib":
             raise RunError(f"DataSpec: give a corpus or a task, not both (corpus={self.corpus!r}, "
                            f"task={self.task!r})")

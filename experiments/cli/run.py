@@ -140,7 +140,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from experiments.config import DataSpec
-    from experiments.data import BOS, BYTE_TOKENIZER
+    from experiments.data.tokenizer import load_tokenizer
     from experiments.runs import load_run
 
     for flag, value, ok, what in (("--tokens", args.tokens, args.tokens >= 1, "a positive integer"),
@@ -153,7 +153,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     if DataSpec.from_dict(specs["data"]).kind == "task":
         raise UsageError(f"{args.run} was trained on task {specs['data']['task']!r}, not text: it has no prompt "
                          f"to continue (evaluate it with `mixerlab measure context --run {args.run}`)")
-    ids = torch.tensor([list(BYTE_TOKENIZER.encode(args.prompt)) or [BOS]], dtype=torch.long)  # "": from <bos>
+    data = DataSpec.from_dict(specs["data"])
+    tokenizer = load_tokenizer(data.tokenizer)  # the run's own: bytes, or its Hugging Face tokenizer
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    ids = torch.tensor([list(tokenizer.encode(args.prompt)) or [start]], dtype=torch.long)  # "": from <bos>
     limit = model.spec.length_limit
     if limit is not None and ids.shape[1] + args.tokens > limit:
         room = limit - ids.shape[1]
@@ -163,5 +166,5 @@ def _run_generate(args: argparse.Namespace) -> int:
                                                      "shorten the prompt"))
     out = model.generate(ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
                          generator=torch.Generator().manual_seed(args.seed))
-    print(BYTE_TOKENIZER.decode(out[0].tolist(), skip_specials=True))
+    print(tokenizer.decode(out[0].tolist(), skip_specials=True))
     return 0

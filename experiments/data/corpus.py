@@ -19,7 +19,8 @@ of a file never depends on the other files. ``split_by="tokens"`` instead cuts t
 stream into contiguous train | val | test parts of those fractions. ``split_by="auto"`` (the default) uses
 "file" unless a split with a non-zero fraction would get no file (e.g. a single-file corpus), then "tokens".
 
-Tokens. Byte-level (`ByteTokenizer`): each document's bytes followed by ``<eos>``; stored as uint16.
+Tokens. Byte-level (`ByteTokenizer`, ``data.tokenizer = "bytes"``) by default, or a local Hugging Face tokenizer
+directory: each document's tokens followed by ``<eos>``; stored as uint16 (uint32 past 65 536 ids).
 The array lives in ``$MIXERLAB_CACHE`` (default ``~/.cache/mixerlab``) under ``corpora/``, keyed by the
 content hash, the tokenizer and the split settings, written atomically (temporary file, then rename), and
 memory-mapped on every later load.
@@ -50,9 +51,11 @@ from experiments.data.sources import (
     stdlib_documents,
     textfile_documents,
 )
-from experiments.data.tokenizer import BYTE_TOKENIZER, ByteTokenizer
+from experiments.data.tokenizer import BYTE_TOKENIZER, ByteTokenizer, HFTokenizer, load_tokenizer, tokenise
 from experiments.runs import atomic_write
 from registry import check_values
+
+Tokenizer = ByteTokenizer | HFTokenizer
 
 __all__ = [
     "CORPUS_KINDS",
@@ -215,9 +218,11 @@ class CorpusSpec:
         return Corpus.load(self, cache=cache)
 
 
-def load_corpus(kind: str = "stdlib", *, cache: str | os.PathLike | None = None, **options: Any) -> Corpus:
-    """Load (building and caching on first use) the corpus of `kind` with `options`; see `CorpusSpec`."""
-    return CorpusSpec(kind, options).load(cache=cache)
+def load_corpus(kind: str = "stdlib", *, cache: str | os.PathLike | None = None, tokenizer: str = "bytes",
+                **options: Any) -> Corpus:
+    """Load (building and caching on first use) the corpus of `kind` with `options`, tokenised by
+    ``tokenizer`` ("bytes" or a local Hugging Face tokenizer directory); see `CorpusSpec`."""
+    return Corpus.load(CorpusSpec(kind, options), cache=cache, tokenizer=load_tokenizer(tokenizer))
 
 
 def cache_dir(cache: str | os.PathLike | None = None) -> Path:
@@ -281,20 +286,27 @@ def _resolve_split_by(documents: list[Document], o: _CommonOptions) -> tuple[str
     return "tokens", {}
 
 
-def _tokenise(documents: list[Document], eos: int) -> np.ndarray:
-    total = sum(len(d) + 1 for _, d in documents)
-    out = np.empty(total, dtype=np.uint16)
-    pos = 0
-    for _, data in documents:
-        n = len(data)
-        out[pos : pos + n] = np.frombuffer(data, dtype=np.uint8)
-        out[pos + n] = eos
-        pos += n + 1
-    return out
+def _split_tokens(documents: list[Document], by_file: dict[str, list[Document]], split_by: str,
+                  o: _CommonOptions, tok: Tokenizer) -> tuple[np.ndarray, dict[str, list[int]], dict[str, int]]:
+    """The token array, each split's [start, stop) and each split's number of documents."""
+    if split_by == "file":
+        arrays = [tokenise(by_file[s], tok)[0] for s in SPLITS]
+        bounds, start = {}, 0
+        for s, a in zip(SPLITS, arrays, strict=True):
+            bounds[s] = [start, start + len(a)]
+            start += len(a)
+        return np.concatenate(arrays), bounds, {s: len(by_file[s]) for s in SPLITS}
+    tokens, lengths = tokenise(documents, tok)
+    n = len(tokens)
+    n_val, n_test = math.floor(n * o.val_fraction), math.floor(n * o.test_fraction)
+    n_train = n - n_val - n_test
+    bounds = {"train": [0, n_train], "val": [n_train, n_train + n_val], "test": [n_train + n_val, n]}
+    doc_starts = np.cumsum([0] + lengths[:-1])
+    return tokens, bounds, {s: int(((doc_starts >= a) & (doc_starts < b)).sum()) for s, (a, b) in bounds.items()}
 
 
 class Corpus:
-    """A tokenised corpus with train/val/test splits as read-only memory-mapped uint16 arrays.
+    """A tokenised corpus with train/val/test splits as read-only memory-mapped arrays of unsigned ints.
 
     Build it with `load_corpus` or `CorpusSpec.load`; the constructor is internal.
     """
@@ -307,20 +319,23 @@ class Corpus:
         cache_path: Path,
         loaded_from_cache: bool,
         load_seconds: float,
+        tokenizer: Tokenizer = BYTE_TOKENIZER,
     ) -> None:
         self.spec = spec
-        self.tokenizer: ByteTokenizer = BYTE_TOKENIZER
+        self.tokenizer = tokenizer
         self.content_hash: str = meta["content_hash"]
         self.cache_path = cache_path
         self.loaded_from_cache = loaded_from_cache
         self.load_seconds = load_seconds
-        self._tokens = tokens  # (N,) uint16, memmap
+        self._tokens = tokens  # (N,) uint16 or uint32, memmap
         self._meta = meta
         self._unigram: dict[str, float] = {}
 
     @classmethod
-    def load(cls, spec: CorpusSpec, *, cache: str | os.PathLike | None = None) -> Corpus:
+    def load(cls, spec: CorpusSpec, *, cache: str | os.PathLike | None = None,
+             tokenizer: Tokenizer = BYTE_TOKENIZER) -> Corpus:
         t0 = time.perf_counter()
+        tok = tokenizer
         documents, source = _read_documents(spec)
         if not documents or all(len(d) == 0 for _, d in documents):
             where = source.get("root") or source.get("name") or spec.kind
@@ -334,7 +349,7 @@ class Corpus:
         key_fields = {
             "format": FORMAT_VERSION,
             "content_hash": chash,
-            "tokenizer": BYTE_TOKENIZER.describe(),
+            "tokenizer": tok.describe(),
             "split_by": split_by,
             "val_fraction": o.val_fraction,
             "test_fraction": o.test_fraction,
@@ -348,35 +363,21 @@ class Corpus:
             try:
                 meta = json.loads(meta_path.read_text())
                 tokens = np.load(npy, mmap_mode="r")
-                if meta.get("key") == key and tokens.shape == (meta["tokens"],) and tokens.dtype == np.uint16:
-                    return cls(spec, tokens, meta, npy, True, time.perf_counter() - t0)
+                if meta.get("key") == key and tokens.shape == (meta["tokens"],) and tokens.dtype.kind == "u":
+                    return cls(spec, tokens, meta, npy, True, time.perf_counter() - t0, tok)
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache entry is rebuilt below
 
-        eos = BYTE_TOKENIZER.eos_id
-        if split_by == "file":
-            arrays = [_tokenise(by_file[s], eos) for s in SPLITS]
-            bounds, start = {}, 0
-            for s, a in zip(SPLITS, arrays, strict=True):
-                bounds[s] = [start, start + len(a)]
-                start += len(a)
-            tokens = np.concatenate(arrays)
-            files = {s: len(by_file[s]) for s in SPLITS}
-        else:
-            tokens = _tokenise(documents, eos)
-            n = len(tokens)
-            n_val, n_test = math.floor(n * o.val_fraction), math.floor(n * o.test_fraction)
-            n_train = n - n_val - n_test
-            bounds = {"train": [0, n_train], "val": [n_train, n_train + n_val], "test": [n_train + n_val, n]}
-            doc_starts = np.cumsum([0] + [len(d) + 1 for _, d in documents[:-1]])
-            files = {s: int(((doc_starts >= a) & (doc_starts < b)).sum()) for s, (a, b) in bounds.items()}
+        tokens, bounds, files = _split_tokens(documents, by_file, split_by, o, tok)
+        token_bytes = tok.token_bytes()  # bits per byte count the bytes each token stands for
         splits = {}
         for s in SPLITS:
             a, b = bounds[s]
             part = tokens[a:b]
             splits[s] = {
                 "files": files[s],
-                "bytes": int((part < BYTE_TOKENIZER.num_bytes).sum()),
+                "bytes": (sum(len(d) for _, d in by_file[s]) if split_by == "file"  # exact; else per token
+                          else int(token_bytes[part.astype(np.int64)].sum())),
                 "tokens": int(b - a),
                 "start": int(a),
                 "stop": int(b),
@@ -397,7 +398,7 @@ class Corpus:
         }
         atomic_write(npy, lambda f: np.save(f, tokens, allow_pickle=False))
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
-        return cls(spec, np.load(npy, mmap_mode="r"), meta, npy, False, time.perf_counter() - t0)
+        return cls(spec, np.load(npy, mmap_mode="r"), meta, npy, False, time.perf_counter() - t0, tok)
 
     @property
     def vocab_size(self) -> int:
@@ -408,7 +409,7 @@ class Corpus:
             raise DataError(f"unknown split {split!r}; the splits are {', '.join(SPLITS)}")
 
     def split(self, split: str) -> np.ndarray:
-        """The tokens of `split` ("train", "val" or "test"): a read-only memory-mapped (N,) uint16 array."""
+        """The tokens of `split` ("train", "val" or "test"): a read-only memory-mapped (N,) array."""
         self._check_split(split)
         s = self._meta["splits"][split]
         return self._tokens[s["start"] : s["stop"]]

@@ -48,7 +48,7 @@ class CorpusData:
     def __init__(self, spec: Any, train: Any):
         from experiments.data import load_corpus
 
-        self.corpus = load_corpus(spec.corpus, **spec.options)
+        self.corpus = load_corpus(spec.corpus, tokenizer=spec.tokenizer, **spec.options)
         self.vocab_size = self.corpus.vocab_size
         self.seq_len = train.seq_len
         self.batch_size = train.batch_size

@@ -55,7 +55,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, native: bool = True)
     model, specs = load_run(run_dir)  # refuses a directory without a run or a checkpoint
     data = DataSpec.from_dict(specs["data"])
     target, why_not = native_for(model) if native else (None, "asked for MixerlabForCausalLM (--as mixerlab)")
-    tokenizer = byte_tokenizer() if data.kind == "corpus" else None
+    tokenizer = None
+    if data.kind == "corpus":
+        from experiments.data.tokenizer import load_tokenizer
+
+        own = load_tokenizer(data.tokenizer)
+        tokenizer = byte_tokenizer() if data.tokenizer == "bytes" else own.hf
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if target is not None:
         hf = _native_model(target, state)
@@ -172,7 +177,8 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> tuple[Any, Native]:
         (out / "tokenizer").mkdir()
         for p in tokenizer_files:
             shutil.copy2(p, out / "tokenizer" / p.name)
-    specs = {"model": spec.to_dict(), "train": TrainSpec().to_dict(), "data": DataSpec().to_dict(),
+    data = DataSpec(tokenizer=str((out / "tokenizer").resolve())) if tokenizer_files else DataSpec()
+    specs = {"model": spec.to_dict(), "train": TrainSpec().to_dict(), "data": data.to_dict(),
              "imported_from": {"path": str(src.resolve()), "architecture": native.architecture}}
     write_json(out / "spec.json", specs)
     save_torch({"model": model.state_dict(), "step": 0, "imported_from": native.architecture}, out / "checkpoint.pt")

@@ -181,7 +181,7 @@ def test_cache_reused_not_rebuilt(tmp_path, cache, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("re-tokenised although the cache was valid")
 
-    monkeypatch.setattr(corpus_mod, "_tokenise", boom)
+    monkeypatch.setattr(corpus_mod, "tokenise", boom)
     time.sleep(0.01)
     second = load_corpus("textfile", path=str(root))
     assert second.loaded_from_cache and second.cache_path == first.cache_path
