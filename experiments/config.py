@@ -74,9 +74,10 @@ class TrainSpec:
     grad_accum: int = 1  # micro-batches per optimiser step (per rank); the global batch stays batch_size
     parallel: str = "auto"  # over several ranks (torchrun): ddp | fsdp; auto = ddp
     collective_timeout_s: float = 300.0  # a rank silent this long ends the run (several ranks only)
+    log_to: list[str] = field(default_factory=list)  # trackers: tensorboard, mlflow, wandb (experiments.trackers)
 
     #: how the run is spread over processes, not what it computes: a resumed run may change them
-    EXECUTION: ClassVar[tuple[str, ...]] = ("grad_accum", "parallel", "collective_timeout_s")
+    EXECUTION: ClassVar[tuple[str, ...]] = ("grad_accum", "parallel", "collective_timeout_s", "log_to")
 
     def __post_init__(self) -> None:
         check_types("TrainSpec", self, RunError)

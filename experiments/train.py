@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from archs.model import LanguageModel, ModelSpec
-from experiments import distributed
+from experiments import distributed, trackers
 from experiments.config import DataSpec, TrainSpec, resolve_device
 from experiments.data.training import CorpusData, TaskData, build_data
 from experiments.errors import RunError
@@ -192,6 +192,7 @@ class _Run:
         self.done = self.start
         self.stop_agreed = False  # a rank asked to stop (Ctrl-C, SIGTERM) at the last step's exchange
         self.diverged_ranks: list[int] = []
+        self.trackers: trackers.Trackers | None = None  # rank 0's, when train.log_to names any
         self.loss_fn = torch.compile(loss_sum) if spec.compile else loss_sum
         self.bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
         self.activations: int | None = None
@@ -290,6 +291,7 @@ def plan(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, worl
     device = resolve_device(train_spec.device)
     distributed.check(train_spec.batch_size, train_spec.grad_accum,
                       distributed.env_world_size() if world_size is None else world_size)
+    trackers.check(train_spec.log_to)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slowed CPU training by up to ~20x here
     data = build_data(data_spec, train_spec)
@@ -328,7 +330,7 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
         logger.warning("%s holds this run, finished (%s at step %d); nothing was changed — use another --out "
                        "to train it again", out, finished.status, finished.steps)
         return finished
-    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    owned, run = not (torch.distributed.is_available() and torch.distributed.is_initialized()), None
     world, device = distributed.join(device, train_spec.parallel, train_spec.collective_timeout_s)
     try:
         if world.main:
@@ -336,13 +338,19 @@ def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out
             write_json(out / "spec.json", specs)
         distributed.barrier(world)
         run = _Run(model_spec, train_spec, data, out, device, ckpt, world)
+        if world.main and train_spec.log_to:
+            run.trackers = trackers.Trackers(train_spec.log_to, out, specs, resumed=ckpt is not None)
         with _Interrupts() as interrupts:
             status = _loop(run, on_eval, stop_at, progress and world.main, interrupts)
         summary = _summary(run, status, model_spec, specs, t_start)
         if world.main:
             write_json(out / "summary.json", summary.to_json())
+            if run.trackers is not None:
+                run.trackers.finish(summary.to_json())
         distributed.barrier(world)
     finally:
+        if run is not None and run.trackers is not None:
+            run.trackers.close()
         if owned:
             distributed.leave(world)
     return summary
@@ -398,9 +406,9 @@ def _loop(run: _Run, on_eval: Callable[[int, dict[str, Any]], None] | None, stop
     status = "completed"
     metrics = run.out / "metrics.jsonl"
     if run.world.main:
-        _truncate_metrics(metrics, run.start)
-    log_file = metrics.open("a") if run.world.main else open(os.devnull, "w")  # noqa: SIM115 — closed below
-    with log_file as log, _progress(total, run.start, progress) as bar:
+        trackers.truncate_metrics(metrics, run.start)
+    with trackers.MetricsLog(metrics if run.world.main else None, run.trackers) as log, \
+            _progress(total, run.start, progress) as bar:
         for step in range(run.start, total):
             if target_step is not None:
                 break
@@ -510,17 +518,8 @@ def _target_reached(spec: TrainSpec, evals: list[dict[str, Any]]) -> int | None:
     return last["step"] if reached else None
 
 
-def _log(handle: Any, record: dict[str, Any]) -> None:
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+def _log(log: trackers.MetricsLog, record: dict[str, Any]) -> None:
+    log.write(record)
 
 
 def _progress(total: int, start: int, enabled: bool) -> Any:
