@@ -201,3 +201,27 @@ def test_the_exported_tokenizer_gives_the_byte_tokenizers_ids():
     for name, value in BYTE_TOKENIZER.specials.items():
         assert tok.convert_tokens_to_ids(name) == value
     assert len(tok) == BYTE_TOKENIZER.vocab_size
+
+
+@pytest.mark.parametrize("name", ["attention", "hybrid"])
+def test_lm_eval_harness_scores_an_export_as_we_do(tmp_path, name):
+    """lm-evaluation-harness's HFLM (`lm_eval --model hf --model_args pretrained=OUT[,trust_remote_code=True]`)
+    gives a hand-written request the log-likelihood our model gives it."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    run, model = make_run(tmp_path, name, NATIVE["attention"] if name == "attention" else HYBRID)
+    out = tmp_path / "hf"
+    export_run(run, out)
+    lm = HFLM(pretrained=str(out), trust_remote_code=name == "hybrid", device="cpu", batch_size=1)
+    context, continuation = "def add(a, b):\n    return", " a + b\n"
+    (got, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)],
+                                      disable_tqdm=True)
+    ctx, cont = BYTE_TOKENIZER.encode(context).tolist(), BYTE_TOKENIZER.encode(continuation).tolist()
+    x = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x[:, :-1]).double(), -1)[0, len(ctx) - 1:]
+    want = logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+    assert got == pytest.approx(want, rel=1e-5)
+    assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
