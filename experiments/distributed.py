@@ -99,8 +99,8 @@ def resolve_parallel(parallel: str, world_size: int) -> str | None:
 def check(batch_size: int, grad_accum: int, world_size: int) -> None:
     """Refuse, before anything runs, a global batch that the ranks and micro-batches cannot split evenly."""
     if batch_size % (world_size * grad_accum):
-        fits = [b for b in range(world_size * grad_accum, 4 * batch_size + 1, world_size * grad_accum)]
-        near = min(fits, key=lambda b: abs(b - batch_size))
+        unit = world_size * grad_accum
+        near = max(unit, round(batch_size / unit) * unit)
         raise RunError(
             f"train.batch_size={batch_size} does not split into {world_size} rank(s) x train.grad_accum="
             f"{grad_accum} equal micro-batches; use a multiple of {world_size * grad_accum} (e.g. "

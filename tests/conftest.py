@@ -67,11 +67,16 @@ def mamba_ssm_on_cpu(monkeypatch):
             import selective_scan_cuda  # noqa: F401
         except ImportError:
             monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    before = set(sys.modules)
     try:
         import mamba_ssm
     except ImportError as exc:
         pytest.skip(f"mamba_ssm not importable: {exc}")
-    return mamba_ssm
+    yield mamba_ssm
+    # leave no mamba_ssm imported over the stand-in behind: a later import (transformers' kernel lookup) must
+    # see that the CUDA extension is missing and take its PyTorch path
+    for name in [m for m in sys.modules if m not in before and m.split(".")[0] in ("mamba_ssm", "selective_scan_cuda")]:
+        del sys.modules[name]
 
 
 @pytest.fixture(autouse=True)

@@ -88,7 +88,8 @@ def _native_model(target: Native, state: dict[str, torch.Tensor]) -> Any:
     """The native transformers model holding ``state`` (a strict load: every name must match)."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(target.model_type, **target.config)
+    # the class itself, not AutoConfig: other libraries (fla) register configs of their own under "mamba"
+    config = getattr(transformers, target.architecture.replace("ForCausalLM", "Config"))(**target.config)
     hf = getattr(transformers, target.architecture)(config)
     theirs = to_native(target, state)
     if target.config["tie_word_embeddings"]:
