@@ -44,10 +44,9 @@ from torch import nn
 
 from experiments.errors import RunError
 
-__all__ = ["PARALLEL", "World", "current", "env_world_size", "failure_message", "join", "launch", "leave",
+__all__ = ["World", "current", "env_world_size", "failure_message", "join", "launch", "leave",
            "load_state", "map_sharded", "save_state", "wrap"]
 
-PARALLEL = ("auto", "ddp", "fsdp")
 CHECKPOINT = "checkpoint.pt"
 SHARDS = "checkpoint.dcp-"  # + step: one FSDP checkpoint directory; checkpoint.pt names the live one
 
@@ -98,12 +97,12 @@ def resolve_parallel(parallel: str, world_size: int) -> str | None:
 
 def check(batch_size: int, grad_accum: int, world_size: int) -> None:
     """Refuse, before anything runs, a global batch that the ranks and micro-batches cannot split evenly."""
-    if batch_size % (world_size * grad_accum):
-        unit = world_size * grad_accum
+    unit = world_size * grad_accum
+    if batch_size % unit:
         near = max(unit, round(batch_size / unit) * unit)
         raise RunError(
             f"train.batch_size={batch_size} does not split into {world_size} rank(s) x train.grad_accum="
-            f"{grad_accum} equal micro-batches; use a multiple of {world_size * grad_accum} (e.g. "
+            f"{grad_accum} equal micro-batches; use a multiple of {unit} (e.g. "
             f"train.batch_size={near}), or change train.grad_accum or the number of processes")
 
 
@@ -162,6 +161,7 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> tuple[Callable
     """Parallelise ``model`` in place for ``world`` (FSDP shards it; DDP wraps it); return the summed-loss
     function to train with and ``sync(on)``, the context that turns gradient exchange off for all but the
     last micro-batch of a step."""
+    summed = LossModule(model)
     if world.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -175,13 +175,13 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> tuple[Callable
             model.set_requires_gradient_sync(on)
             yield
 
-        return (lambda x, y: model.loss(x, y, reduction="sum")), fsdp_sync
+        return summed, fsdp_sync
     if world.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(LossModule(model), device_ids=[device] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(summed, device_ids=[device] if device.type == "cuda" else None)
         return ddp, (lambda on: contextlib.nullcontext() if on else ddp.no_sync())
-    return (lambda x, y: model.loss(x, y, reduction="sum")), (lambda on: contextlib.nullcontext())
+    return summed, (lambda on: contextlib.nullcontext())
 
 
 def gather_scalars(world: World, *values: float) -> torch.Tensor:

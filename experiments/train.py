@@ -41,6 +41,7 @@ from experiments.data.training import CorpusData, TaskData, build_data
 from experiments.errors import RunError
 from experiments.measure import SavedActivations, StepPeak, memory_split
 from experiments.runs import SCOPE_STEPS, TrialSummary, available_bytes, machine_info, save_torch, write_json
+from experiments.tasks.base import IGNORE_INDEX
 
 __all__ = ["DataSpec", "Plan", "Pruned", "RunError", "StopTraining", "TrainSpec", "build_data", "plan", "train"]
 
@@ -211,7 +212,7 @@ class _Run:
         ``stop_requested``: this rank was asked to stop; the ranks exchange it with their losses."""
         self.model.train()
         x, y = self.data.batch(self.spec.batch_size, _step_generator(self.spec.seed, step))
-        count = int((y != -100).sum())  # answer tokens of the whole batch: every rank divides by the same
+        count = int((y != IGNORE_INDEX).sum())  # answer tokens of the whole batch: every rank divides by the same
         x, y = self.world.rows(x), self.world.rows(y)
         for group in self.opt.param_groups:
             group["lr"] = self.spec.lr_at(step)

@@ -61,12 +61,11 @@ def native_for(model: Any) -> tuple[Native | None, str]:
     if mixers == ["mamba"]:
         why = _common(spec, "none", "none")
         m = model.blocks[0].mixer
-        if why is None and m.opts.conv_bias is not True:
-            why = "mamba conv_bias=False (transformers' MambaConfig.use_conv_bias is honoured, but check it)"
         if why is None:
             return Native("mamba", {**base, "state_size": m.d_state, "conv_kernel": m.d_conv,
                                     "expand": m.d_inner // spec.d_model, "intermediate_size": m.d_inner,
-                                    "time_step_rank": m.dt_rank, "use_bias": m.opts.bias, "use_conv_bias": True,
+                                    "time_step_rank": m.dt_rank, "use_bias": m.opts.bias,
+                                    "use_conv_bias": m.opts.conv_bias,
                                     "layer_norm_epsilon": NORM_EPS, "residual_in_fp32": True},
                           "every layer is mamba, with no MLP, RMSNorm, no positions: Mamba-1's own model"), ""
         return None, f"every layer is mamba, but {why}"
@@ -103,9 +102,7 @@ def native_for(model: Any) -> tuple[Native | None, str]:
                                     "mlp_bias": False},
                           "every layer is attention with RoPE and SwiGLU, RMSNorm, no biases: a Llama"), ""
         return None, f"every layer is attention, but {why}"
-    return None, (f"its layers are {', '.join(mixers)}: no transformers class has them"
-                  if len(mixers) > 1 or mixers[0] not in ("mamba", "mamba2", "attention")
-                  else f"layers {', '.join(mixers)}")
+    return None, f"its layers are {', '.join(mixers)}: no transformers class has them"
 
 
 # weights ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from experiments.runs import load_run, save_torch, write_json  # noqa: E402
 
 NATIVE = {
     "mamba": {"mixer": "mamba", "mlp": "none", "positions": "none"},
+    "mamba-no-conv-bias": {"mixer": "mamba", "mlp": "none", "positions": "none",
+                           "mixer_options": {"mamba": {"conv_bias": False}}},
     "mamba2": {"mixer": "mamba2", "mlp": "none", "positions": "none",
                "mixer_options": {"mamba2": {"headdim": 16, "d_state": 16, "chunk_size": 8}}},
     "attention": {"mixer": "attention", "mlp": "swiglu", "positions": "rope",
@@ -75,8 +77,8 @@ def test_native_exports_load_without_mixerlab_and_give_our_logits(tmp_path):
         run, model = make_run(tmp_path, name, options)
         out = tmp_path / f"hf-{name}"
         done = export_run(run, out)
-        assert done.architecture == {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
-                                     "attention": "LlamaForCausalLM"}[name]
+        assert done.architecture == {"mamba": "MambaForCausalLM", "mamba-no-conv-bias": "MambaForCausalLM",
+                                     "mamba2": "Mamba2ForCausalLM", "attention": "LlamaForCausalLM"}[name]
         x = ids()
         torch.save(x, out / "ids.pt")
         with torch.no_grad():
