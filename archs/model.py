@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,6 +373,15 @@ class LanguageModel(nn.Module):
             if i + 1 < max_new_tokens:
                 logits = self(nxt, cache)[:, -1]
         return torch.cat(out, dim=1)
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike) -> LanguageModel:
+        """Our model of a local Hugging Face `MambaForCausalLM`, `Mamba2ForCausalLM` or `LlamaForCausalLM`
+        directory (``config.json`` + safetensors; transformers is not needed), with its weights — the same
+        logits. A config mixerlab cannot represent raises `SpecError` naming the field (`archs.hf`)."""
+        from archs.hf import load_native
+
+        return load_native(path)[0]
 
     # costs and records -----------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

@@ -50,9 +50,10 @@ class Isolation:
     ignore_sigint: bool = False
     on_parent_death: str = "SIGKILL"  # the signal the child gets when its parent dies (Linux); a trial takes
     # SIGTERM, which it answers with a checkpoint of its current step
+    environ: tuple[tuple[str, str], ...] = ()  # variables set for the child (a trial: its study, for trackers)
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, **dict(self.environ)}
         if self.threads:
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         return env

@@ -75,6 +75,7 @@ class TrainSpec:
     parallel: str = "auto"  # over several ranks (torchrun): ddp | fsdp; auto = ddp
     collective_timeout_s: float = 300.0  # a rank silent this long ends the run (several ranks only)
     log_to: list[str] = field(default_factory=list)  # trackers: tensorboard, mlflow, wandb (experiments.trackers)
+    init_from: str | None = None  # fine-tune: a run directory whose weights start this run (same parameter shapes)
 
     #: how the run is spread over processes, not what it computes: a resumed run may change them
     EXECUTION: ClassVar[tuple[str, ...]] = ("grad_accum", "parallel", "collective_timeout_s", "log_to")
@@ -110,6 +111,8 @@ class TrainSpec:
              "must be a positive number of seconds")
         need(self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target_accuracy",
              "must be in (0, 1] or None (train every step)")
+        need(self.init_from is None or bool(self.init_from.strip()), "init_from",
+             "must be a run directory (spec.json + checkpoint.pt) or None (random initialisation)")
 
     @property
     def total_steps(self) -> int:

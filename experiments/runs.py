@@ -24,8 +24,8 @@ from typing import Any, BinaryIO
 from experiments.errors import RunError
 from experiments.metrics import ALIASES
 
-__all__ = ["STATUSES", "TrialSummary", "atomic_write", "available_bytes", "load_run", "machine_info", "save_torch",
-           "write_json", "write_text"]
+__all__ = ["STATUSES", "TrialSummary", "atomic_write", "available_bytes", "load_run", "load_weights", "machine_info",
+           "run_specs", "save_torch", "write_json", "write_text"]
 
 #: how a run ended: every step done (or the target accuracy reached); a non-finite loss; stopped by a pruner;
 #: stopped by Ctrl-C, SIGTERM or a lost coordinator (resumable); stopped on purpose at ``stop_at``
@@ -205,20 +205,23 @@ def available_bytes(device: Any = "cpu") -> int | None:
     return None
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """The trained model of a run directory (``spec.json`` + ``checkpoint.pt``), in eval mode, and its specs
-    (``{"model", "train", "data", "step"}``)."""
-    import torch
-
-    from archs.model import LanguageModel, ModelSpec
-
+def run_specs(run_dir: str | os.PathLike, what: str = "pass the --out of a training run") -> dict[str, Any]:
+    """The specs of a run directory that holds a checkpoint (``{"model", "train", "data", ...}``); ``what`` ends
+    the message when it is not one."""
     run = Path(run_dir)
     if not (run / "spec.json").is_file():
-        raise RunError(f"{run} is not a run directory (no spec.json); pass the --out of a training run")
+        raise RunError(f"{run} is not a run directory (no spec.json); {what}")
     if not (run / "checkpoint.pt").is_file():
-        raise RunError(f"{run} has no checkpoint.pt (the run saved no evaluation yet)")
-    specs = json.loads((run / "spec.json").read_text())
-    model = LanguageModel(ModelSpec.from_dict(specs["model"]))
+        raise RunError(f"{run} has no checkpoint.pt (the run saved no evaluation yet); {what}")
+    return json.loads((run / "spec.json").read_text())
+
+
+def load_weights(run_dir: str | os.PathLike, model: Any) -> int | None:
+    """Load a run's checkpointed weights into ``model`` (built from its spec, not yet wrapped for several
+    ranks), whichever way they were written (one file, or FSDP's shards); return the checkpoint's step."""
+    import torch
+
+    run = Path(run_dir)
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     if "sharded" in ckpt:  # written by FSDP ranks: a torch.distributed.checkpoint directory beside it
         from experiments.distributed import World, load_state
@@ -226,5 +229,15 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict
         load_state(ckpt, run, model, None, World())
     else:
         model.load_state_dict(ckpt["model"])
-    specs["step"] = ckpt.get("step")
+    return ckpt.get("step")
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """The trained model of a run directory (``spec.json`` + ``checkpoint.pt``), in eval mode, and its specs
+    (``{"model", "train", "data", "step"}``)."""
+    from archs.model import LanguageModel, ModelSpec
+
+    specs = run_specs(run_dir)
+    model = LanguageModel(ModelSpec.from_dict(specs["model"]))
+    specs["step"] = load_weights(run_dir, model)
     return model.to(device).eval(), specs

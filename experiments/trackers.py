@@ -9,7 +9,15 @@ trackers ``train.log_to = ["tensorboard", "mlflow", "wandb"]`` names, which get 
 
 A resumed run continues the same tracker run (its id is kept in ``RUN/trackers.json``). Every tracker is an
 optional extra; `check` refuses one that is not installed before anything runs, naming the extra. Over
-several ranks only rank 0 logs. A study's trials each log their own run, named after the trial directory.
+several ranks only rank 0 logs.
+
+In a study (`[base.train] log_to`), each trial logs its own run, as Optuna's MLflow and W&B integration
+callbacks would make it — named ``trial-NNNN``, tagged with the study and trial number, its sampled parameters
+logged — but with the whole learning curve, which those callbacks (one objective value per trial) cannot
+carry: MLflow runs share the study's own store ``STUDY/mlflow.db`` under an experiment named after the study
+(made once by the coordinator, `prepare_study`), W&B runs share the study's name as their group, TensorBoard
+gets an HParams entry per trial (``tensorboard --logdir STUDY/trials`` compares them). The coordinator tells
+its trial processes which study they belong to through ``MIXERLAB_STUDY``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 
 from experiments.errors import RunError
 
-__all__ = ["TRACKERS", "MetricsLog", "Trackers", "check", "truncate_metrics"]
+__all__ = ["STUDY_ENV", "TRACKERS", "MetricsLog", "Trackers", "check", "prepare_study", "truncate_metrics"]
 
 #: tracker -> (the module it needs, the extra that installs it)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
@@ -39,6 +47,40 @@ def check(names: list[str]) -> None:
         if importlib.util.find_spec(module) is None:
             raise RunError(f"train.log_to includes {name!r}, but {module} is not installed: pip install "
                            f"'mixerlab[{extra}]' (or drop it from train.log_to)")
+
+
+#: the coordinator's description of the study a trial process belongs to (JSON: study, trial, params, dir)
+STUDY_ENV = "MIXERLAB_STUDY"
+
+
+def _study() -> dict[str, Any] | None:
+    text = os.environ.get(STUDY_ENV)
+    return json.loads(text) if text else None
+
+
+def _mlflow_store(out: Path, study: dict[str, Any] | None) -> tuple[str, str | None, str]:
+    """The MLflow tracking URI, the artifact location of a store of our own (None: the user's) and the
+    experiment's name: a study's store and experiment, else the run's."""
+    if "MLFLOW_TRACKING_URI" in os.environ:  # the user's server or store
+        return os.environ["MLFLOW_TRACKING_URI"], None, study["study"] if study else "mixerlab"
+    home = Path(study["dir"]) if study else out
+    return (f"sqlite:///{(home / 'mlflow.db').resolve()}", (home / "mlartifacts").resolve().as_uri(),
+            study["study"] if study else "mixerlab")
+
+
+def _mlflow_experiment(client: Any, name: str, artifacts: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifacts)
+
+
+def prepare_study(names: list[str], study: dict[str, Any]) -> None:
+    """Make a study's shared tracker store before its trials start (two trials creating one SQLite store at
+    once would race); a no-op when it exists or no shared store is named."""
+    if "mlflow" in names and importlib.util.find_spec("mlflow") is not None:
+        import mlflow
+
+        uri, artifacts, name = _mlflow_store(Path(study["dir"]), study)
+        _mlflow_experiment(mlflow.MlflowClient(tracking_uri=uri), name, artifacts)
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +108,10 @@ class Trackers:
         ids_path = self.out / "trackers.json"
         ids = json.loads(ids_path.read_text()) if resumed and ids_path.exists() else {}
         params = _flat("", {k: specs[k] for k in ("model", "train", "data")}, {})
+        self.study = study = _study()
+        name = f"trial-{study['trial']:04d}" if study else self.out.name
+        if study:
+            params.update({f"optuna.{k}": v for k, v in study["params"].items()})
         self._tb = self._mlflow = self._wandb = None
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
@@ -75,25 +121,27 @@ class Trackers:
         if "mlflow" in names:
             import mlflow
 
-            own = "MLFLOW_TRACKING_URI" not in os.environ  # else the user's server or store
-            uri = f"sqlite:///{(self.out / 'mlflow.db').resolve()}" if own else os.environ["MLFLOW_TRACKING_URI"]
+            uri, artifacts, experiment = _mlflow_store(self.out, study)
             self._mlflow = mlflow.MlflowClient(tracking_uri=uri)
             run_id = ids.get("mlflow")
             if run_id is None:
-                experiment = self._mlflow.get_experiment_by_name("mixerlab")
-                artifacts = (self.out / "mlartifacts").resolve().as_uri() if own else None
-                eid = (experiment.experiment_id if experiment else
-                       self._mlflow.create_experiment("mixerlab", artifact_location=artifacts))
-                run_id = self._mlflow.create_run(eid, run_name=self.out.name).info.run_id
-                for key, value in params.items():
-                    self._mlflow.log_param(run_id, key[:250], str(value)[:6000])
+                tags = ({"optuna.study_name": study["study"], "optuna.trial_number": str(study["trial"])}
+                        if study else {})
+                run_id = self._mlflow.create_run(_mlflow_experiment(self._mlflow, experiment, artifacts),
+                                                 run_name=name, tags=tags).info.run_id
+                from mlflow.entities import Param
+
+                items = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
+                for i in range(0, len(items), 100):  # log_batch takes at most 100 params at a time
+                    self._mlflow.log_batch(run_id, params=items[i:i + 100])
             self._mlflow_run = ids["mlflow"] = run_id
         if "wandb" in names:
             import wandb
 
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mixerlab"), name=self.out.name,
-                                     dir=str(self.out), id=ids.get("wandb"), resume="allow", config=params,
-                                     mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mixerlab"), name=name,
+                                     group=study["study"] if study else None, dir=str(self.out), id=ids.get("wandb"),
+                                     resume="allow", config=params, mode=os.environ.get("WANDB_MODE", "offline"),
+                                     reinit="create_new")
             ids["wandb"] = self._wandb.id
         if ids:
             ids_path.write_text(json.dumps(ids) + "\n")
@@ -121,6 +169,9 @@ class Trackers:
             for key, value in final.items():
                 self._tb.add_scalar(key, value, summary.get("steps", 0))
             self._tb.add_text("summary", "```\n" + json.dumps(summary, indent=1, default=str)[:60000] + "\n```")
+            if self.study:  # the study's HParams dashboard: this trial's sampled parameters and final metrics
+                self._tb.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                      for k, v in self.study["params"].items()}, final, run_name="hparams")
         if self._mlflow is not None:
             for key, value in final.items():
                 self._mlflow.log_metric(self._mlflow_run, key.replace("/", "."), value, step=summary.get("steps", 0))

@@ -22,6 +22,10 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     data.add_argument("--corpus", help="train on a corpus: stdlib (default), textfile, hf")
     data.add_argument("--task", help="train on a synthetic task: mqar, selective_copy, induction, passkey")
     p.add_argument("--steps", type=int, help="optimiser steps (= train.steps=N)")
+    p.add_argument("--init-from", metavar="RUN",
+                   help="fine-tune: start from the weights of RUN (a training run, or one made by import-hf), with "
+                        "its model and, for a corpus, its tokenizer; model.* overrides may change what keeps the "
+                        "parameters' shapes (e.g. model.dropout); a fresh optimiser and schedule")
     p.add_argument("--out", default=None, help="run directory (default runs/train-<model>-<data>); rerunning "
                                                "into the same directory resumes from its checkpoint")
     p.add_argument("--threads", type=int, help="torch intra-op threads (per process)")
@@ -44,6 +48,7 @@ def _run_train(args: argparse.Namespace) -> int:
     config = load_toml(args.config) if args.config else {}
     config.setdefault("model", {})
     config.setdefault("data", {})
+    source = _init_from(args, config) if args.init_from else None
     if args.preset:
         config["model"]["preset"] = args.preset
     if args.mixer:
@@ -56,6 +61,9 @@ def _run_train(args: argparse.Namespace) -> int:
         config["data"] = {"task": args.task, **{k: v for k, v in config["data"].items() if k == "options"}}
     if args.steps:
         config.setdefault("train", {})["steps"] = args.steps
+    tokenizer = (source or {}).get("data", {}).get("tokenizer", "bytes")
+    if "task" not in config["data"] and "tokenizer" not in config["data"] and tokenizer != "bytes":
+        config["data"]["tokenizer"] = tokenizer  # a fine-tuned corpus is tokenized as the run's was
     model, train_spec, data = build_specs(apply_overrides(config, args.overrides))
     label = data.task or data.corpus
     out = args.out or f"runs/train-{args.preset or model.layer_pattern.lower()}-{label}"
@@ -110,6 +118,23 @@ def _run_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     return 0 if summary.status in ("completed", "stopped") else 1
+
+
+def _init_from(args: argparse.Namespace, config: dict) -> dict:
+    """``--init-from RUN``: the model is RUN's (its spec.json); returns RUN's specs."""
+    from pathlib import Path
+
+    from experiments.runs import run_specs
+
+    given = [flag for flag, value in (("--preset", args.preset), ("--mixer", args.mixer), ("--pattern", args.pattern))
+             if value] + (["--config's [model]"] if config["model"] else [])
+    if given:
+        raise UsageError(f"--init-from {args.init_from} takes the model from {args.init_from}/spec.json; drop "
+                         f"{', '.join(given)} (model.* overrides may change fields that keep the weights' shapes)")
+    source = run_specs(args.init_from, "--init-from must name a run directory (from train or import-hf)")
+    config["model"] = dict(source["model"])
+    config.setdefault("train", {})["init_from"] = str(Path(args.init_from).resolve())
+    return source
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

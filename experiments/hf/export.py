@@ -2,7 +2,7 @@
 
 `export_run(RUN, OUT)` writes ``config.json``, ``model.safetensors``, ``generation_config.json``, the
 tokenizer files (byte-level corpus runs) and a model card (``README.md``: the spec, the corpus, the run's
-metrics). A model that is exactly a native transformers class (`native.native_for`) becomes that class, so
+metrics). A model that is exactly a native transformers class (`archs.hf.native_for`) becomes that class, so
 it loads with no mixerlab installed; every other one becomes `MixerlabForCausalLM`, reachable through
 ``auto_map`` (``trust_remote_code=True``) or directly once `experiments.hf` is imported.
 
@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from archs.hf import Native, load_hf_state, load_native, native_for, to_native
 from experiments.errors import UsageError
-from experiments.hf.native import NATIVE, Native, from_native, native_for, spec_from_config, to_native
 from experiments.hf.tokenizer import byte_tokenizer
 
 __all__ = ["Exported", "export_run", "import_hf", "load_hf_state"]
@@ -135,26 +135,9 @@ def _card(run_dir: str | Path, specs: dict[str, Any], architecture: str, reason:
 
 
 # import -----------------------------------------------------------------------------------------------------
-def load_hf_state(src: Path) -> dict[str, torch.Tensor]:
-    """The weights of a local transformers directory: ``model.safetensors`` (or its shards), else
-    ``pytorch_model.bin``."""
-    from safetensors.torch import load_file
-
-    if (src / "model.safetensors").is_file():
-        return load_file(src / "model.safetensors")
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(src / f).items()}
-    if (src / "pytorch_model.bin").is_file():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise UsageError(f"{src} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
 def import_hf(src_dir: str | Path, out_dir: str | Path) -> tuple[Any, Native]:
     """A mixerlab run directory from a local native transformers directory; returns the model and what it
     was. Refuses, before writing, a config mixerlab cannot represent (the field named)."""
-    from archs.model import LanguageModel
     from experiments.config import DataSpec, TrainSpec
     from experiments.runs import save_torch, write_json
 
@@ -162,15 +145,8 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> tuple[Any, Native]:
     if not (src / "config.json").is_file():
         raise UsageError(f"{src} has no config.json: pass a Hugging Face model directory")
     _check_out(out)
-    spec, native = spec_from_config(json.loads((src / "config.json").read_text()))
-    model = LanguageModel(spec)
-    state = from_native(native, load_hf_state(src))
-    if spec.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UsageError(f"{src}: weights do not fit the {NATIVE[native.model_type]} config (missing "
-                         f"{missing[:4]}, unexpected {unexpected[:4]}); is config.json the one they came with?")
+    model, native = load_native(src)
+    spec = model.spec
     out.mkdir(parents=True)
     tokenizer_files = [p for p in src.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "vocab",
                                                                          "merges"))]

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from experiments import trackers
 from experiments.child import Isolation
 from experiments.errors import RecipeError
 from experiments.runs import write_json
@@ -58,6 +59,7 @@ class StudyRunner:
         if jobs < 1:
             raise RecipeError(f"jobs must be >= 1, got {jobs}")
         self.recipe, self.out, self.jobs = recipe, Path(out_dir), jobs
+        self._trackers_lock = threading.Lock()
         self.storage_url = storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
         self.heartbeat, self.progress, self.retry_failed = heartbeat, progress, retry_failed
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -216,8 +218,13 @@ class StudyRunner:
         trial.set_user_attr(ledger.CONFIG, config)
         run_dir = self.out / "trials" / f"{trial.number:04d}"
         self._resume_files(trial, config, run_dir)
+        study = {"study": trial.study.study_name, "trial": trial.number, "params": params,
+                 "dir": str(self.out.resolve())}
+        with self._trackers_lock:  # a study's tracker store is made once, here, not raced for by its trials
+            trackers.prepare_study(config.get("train", {}).get("log_to", []), study)
         isolation = Isolation(threads=self.recipe.threads, timeout=self.recipe.trial_timeout_s, ignore_sigint=True,
-                              on_parent_death="SIGTERM")
+                              on_parent_death="SIGTERM",
+                              environ=((trackers.STUDY_ENV, json.dumps(study, default=str)),))
         process = TrialProcess(config, run_dir, isolation, self.recipe.measure, nproc=self.recipe.nproc)
         objective, taken = self.recipe.objectives[0][0], threading.Event()
 

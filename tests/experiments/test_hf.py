@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from archs.model import LanguageModel, ModelSpec  # noqa: E402
+from archs.model import LanguageModel, ModelSpec, SpecError  # noqa: E402
 from experiments.cli import main  # noqa: E402
 from experiments.config import DataSpec, TrainSpec  # noqa: E402
 from experiments.data.tokenizer import BYTE_TOKENIZER  # noqa: E402
@@ -159,6 +159,8 @@ def test_import_gives_the_native_logits_and_exports_back_every_tensor(tmp_path, 
     with torch.no_grad():
         assert relative(model(ids()), logits) <= 1e-5
     assert specs["imported_from"]["architecture"].lower().startswith(kind)
+    with torch.no_grad():  # the same model, in plain Python: LanguageModel.from_hf
+        assert relative(LanguageModel.from_hf(path).eval()(ids()), logits) <= 1e-5
     again = tmp_path / "again"
     assert export_run(run, again).architecture == json.loads((path / "config.json").read_text())["architectures"][0]
     original, round_trip = load_hf_state(path), load_hf_state(again)
@@ -172,12 +174,12 @@ def test_an_unrepresentable_config_is_refused_naming_the_field(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["hidden_act"] = "gelu"
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UsageError, match=r"config.json hidden_act='gelu'.*hidden_act='silu'"):
+    with pytest.raises(SpecError, match=r"config.json hidden_act='gelu'.*hidden_act='silu'"):
         import_hf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     config["model_type"] = "gpt2"
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UsageError, match="model_type='gpt2'"):
+    with pytest.raises(SpecError, match="model_type='gpt2'"):
         import_hf(path, tmp_path / "out")
 
 

@@ -76,3 +76,37 @@ def test_an_unknown_or_missing_tracker_is_refused_before_anything_is_written(tmp
     with pytest.raises(RunError, match=r"pip install 'mixerlab\[mlflow\]'"):
         run_with(tmp_path, monkeypatch, "mlflow")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_studys_trials_log_one_run_each_into_the_studys_store(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    mlflow = pytest.importorskip("mlflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from experiments.study import Recipe, StudyRunner
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = json.loads(json.dumps(CONFIG))
+    base["train"]["log_to"] = ["mlflow", "tensorboard"]
+    recipe = Recipe.from_dict({"name": "tracked", "base": base, "sampler": {"kind": "grid"},
+                               "space": {"train.lr": [1e-3, 3e-3]}, "trial": {"threads": 1, "timeout_s": 120}},
+                              scale="cpu")
+    runner = StudyRunner(recipe, tmp_path / "study", jobs=2, progress=False)
+    assert runner.run()["complete"] == 2
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'study' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(runner.study.study_name).experiment_id])
+    by_trial = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
+    assert sorted(by_trial) == [0, 1]  # both trials, in the one store of the study, started at the same time
+    for trial in runner.study.get_trials():
+        run, summary = by_trial[trial.number], json.loads(
+            (tmp_path / "study" / "trials" / f"{trial.number:04d}" / "summary.json").read_text())
+        assert run.info.run_name == f"trial-{trial.number:04d}" and run.info.status == "FINISHED"
+        assert float(run.data.params["optuna.train.lr"]) == trial.params["train.lr"]
+        assert run.data.metrics["final.val_bpb"] == pytest.approx(summary["final"]["val_bpb"], rel=1e-9)
+        assert trial.value == pytest.approx(run.data.metrics["final.val_bpb"], rel=1e-9)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval.val_loss")] == [3, 6]
+        hparams = EventAccumulator(str(tmp_path / "study" / "trials" / f"{trial.number:04d}" / "tensorboard" /
+                                       "hparams"))
+        hparams.Reload()
+        assert hparams.Scalars("final/val_bpb")[0].value == pytest.approx(summary["final"]["val_bpb"], rel=1e-6)
+    assert not list((tmp_path / "study" / "trials").glob("*/mlflow.db"))  # no store per trial

@@ -6,24 +6,28 @@
 
 `native_for(spec)` says which one, or why none (the first property that differs); `to_native` and
 `from_native` move a state dict across; `spec_from_config` reads a native config back into a `ModelSpec`,
-refusing — with the field named — what mixerlab cannot represent. The parameter names of our Mamba and
+refusing — with the field named — what mixerlab cannot represent; `load_native` (`LanguageModel.from_hf`)
+builds our model from a local checkpoint directory. Nothing here imports transformers: a native checkpoint is
+its ``config.json`` and its safetensors. The parameter names of our Mamba and
 Mamba-2 mixers are mamba-ssm's, which are also transformers', so the mapping is mostly a prefix.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from archs.mlp import mlp_hidden
-from archs.model import ModelSpec
-from experiments.errors import UsageError
+from archs.model import LanguageModel, ModelSpec, SpecError
 
-__all__ = ["NATIVE", "Native", "native_for", "spec_from_config", "from_native", "to_native"]
+__all__ = ["NATIVE", "Native", "native_for", "spec_from_config", "from_native", "to_native", "load_hf_state",
+           "load_native"]
 
 NORM_EPS = 1e-5  # every mixerlab norm's epsilon (archs.norms.make_norm)
 NATIVE = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -174,8 +178,8 @@ def from_native(native: Native, theirs: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 # configs ----------------------------------------------------------------------------------------------------
-def _refuse(model_type: str, field: str, value: Any, why: str) -> UsageError:
-    return UsageError(f"config.json {field}={value!r}: {why}; mixerlab cannot represent this {NATIVE[model_type]} "
+def _refuse(model_type: str, field: str, value: Any, why: str) -> SpecError:
+    return SpecError(f"config.json {field}={value!r}: {why}; mixerlab cannot represent this {NATIVE[model_type]} "
                       f"(nothing was written)")
 
 
@@ -185,11 +189,11 @@ def _number(value: Any) -> float:
 
 
 def spec_from_config(config: dict[str, Any]) -> tuple[ModelSpec, Native]:
-    """The `ModelSpec` of a native transformers config (its ``config.json``), or a `UsageError` naming the
+    """The `ModelSpec` of a native transformers config (its ``config.json``), or a `SpecError` naming the
     field mixerlab cannot represent."""
     kind = config.get("model_type")
     if kind not in NATIVE:
-        raise UsageError(f"config.json model_type={kind!r}: mixerlab imports {', '.join(NATIVE.values())} "
+        raise SpecError(f"config.json model_type={kind!r}: mixerlab imports {', '.join(NATIVE.values())} "
                          f"(model_type {', '.join(map(repr, NATIVE))}); export other models from their own tools")
     eps_field = "rms_norm_eps" if kind == "llama" else "layer_norm_epsilon"
     eps = config.get(eps_field, NORM_EPS)
@@ -245,3 +249,39 @@ def spec_from_config(config: dict[str, Any]) -> tuple[ModelSpec, Native]:
                                         "n_kv_heads": config.get("num_key_value_heads") or heads,
                                         "head_dim": head_dim, "rope_base": float(theta)}}})
     return spec, Native(kind, dict(config), f"imported from {NATIVE[kind]}")
+
+
+# checkpoints ------------------------------------------------------------------------------------------------
+def load_hf_state(src: str | Path) -> dict[str, Tensor]:
+    """The weights of a local transformers directory: ``model.safetensors`` (or its shards), else
+    ``pytorch_model.bin``."""
+    from safetensors.torch import load_file
+
+    src = Path(src)
+    if (src / "model.safetensors").is_file():
+        return load_file(src / "model.safetensors")
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(src / f).items()}
+    if (src / "pytorch_model.bin").is_file():
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise SpecError(f"{src} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_native(src_dir: str | Path) -> tuple[LanguageModel, Native]:
+    """Our model of a local native transformers directory (``config.json`` + weights), and what it was;
+    a config mixerlab cannot represent is refused naming the field."""
+    src = Path(src_dir)
+    if not (src / "config.json").is_file():
+        raise SpecError(f"{src} has no config.json: pass a Hugging Face model directory")
+    spec, native = spec_from_config(json.loads((src / "config.json").read_text()))
+    model = LanguageModel(spec)
+    state = from_native(native, load_hf_state(src))
+    if spec.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SpecError(f"{src}: weights do not fit the {NATIVE[native.model_type]} config (missing "
+                        f"{missing[:4]}, unexpected {unexpected[:4]}); is config.json the one they came with?")
+    return model, native
