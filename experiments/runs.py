@@ -24,8 +24,8 @@ from typing import Any, BinaryIO
 from experiments.errors import RunError
 from experiments.metrics import ALIASES
 
-__all__ = ["STATUSES", "TrialSummary", "atomic_write", "available_bytes", "load_run", "load_weights", "machine_info",
-           "run_specs", "save_torch", "write_json", "write_text"]
+__all__ = ["STATUSES", "TrialSummary", "atomic_write", "available_bytes", "check_init_from", "load_run", "load_weights",
+           "machine_info", "run_specs", "save_torch", "write_json", "write_text"]
 
 #: how a run ended: every step done (or the target accuracy reached); a non-finite loss; stopped by a pruner;
 #: stopped by Ctrl-C, SIGTERM or a lost coordinator (resumable); stopped on purpose at ``stop_at``
@@ -230,6 +230,37 @@ def load_weights(run_dir: str | os.PathLike, model: Any) -> int | None:
     else:
         model.load_state_dict(ckpt["model"])
     return ckpt.get("step")
+
+
+def check_init_from(model_spec: Any, init_from: str, data_vocab: int) -> None:
+    """A fine-tuning run starts from ``init_from``'s weights: they must exist, fit the model parameter by
+    parameter, and embed every token id of the data (a padded vocabulary may be larger than the tokenizer)."""
+    import torch
+
+    from archs.model import LanguageModel, ModelSpec
+
+    source = run_specs(init_from, "TrainSpec.init_from must name a run directory (from train or import-hf)")
+    try:
+        theirs = ModelSpec.from_dict(source["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"TrainSpec.init_from={init_from!r}: its spec.json holds no readable model spec "
+                       f"({exc})") from exc
+    if data_vocab > model_spec.vocab_size:
+        raise RunError(f"TrainSpec.init_from={init_from!r}: the data has {data_vocab} token ids but the model embeds "
+                       f"{model_spec.vocab_size}; tokenize with the run's own tokenizer (data.tokenizer="
+                       f"{source.get('data', {}).get('tokenizer', 'bytes')!r})")
+    with torch.device("meta"):
+        ours, start = LanguageModel(model_spec).state_dict(), LanguageModel(theirs).state_dict()
+
+    def shape(t: Any) -> str:
+        return "absent" if t is None else f"of shape {tuple(t.shape)}"
+
+    for name in sorted(ours.keys() | start.keys()):
+        a, b = ours.get(name), start.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            raise RunError(f"TrainSpec.init_from={init_from!r}: parameter {name} is {shape(b)} there and "
+                           f"{shape(a)} in this model; fine-tuning keeps the architecture: drop the model changes "
+                           f"that alter shapes (its model spec is {init_from}/spec.json)")
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any]]:

@@ -44,9 +44,9 @@ from experiments.runs import (
     SCOPE_STEPS,
     TrialSummary,
     available_bytes,
+    check_init_from,
     load_weights,
     machine_info,
-    run_specs,
     save_torch,
     write_json,
 )
@@ -313,7 +313,7 @@ def plan(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, worl
         raise RunError(f"TrainSpec.target_accuracy={train_spec.target_accuracy} needs a task to measure accuracy "
                        f"on; corpus runs report loss (set data.task, or drop target_accuracy)")
     if train_spec.init_from is not None:
-        _check_init(model_spec, train_spec.init_from, data.vocab_size)
+        check_init_from(model_spec, train_spec.init_from, data.vocab_size)
     elif model_spec.vocab_size != data.vocab_size:
         model_spec = model_spec.replace(vocab_size=data.vocab_size)
     limit = model_spec.length_limit
@@ -323,33 +323,6 @@ def plan(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, worl
     params = model_spec.check_builds()
     need = _check_memory(model_spec, params, train_spec, data, device)
     return Plan(model_spec, data, device, params, need)
-
-
-def _check_init(model_spec: ModelSpec, init_from: str, data_vocab: int) -> None:
-    """A fine-tuning run starts from ``init_from``'s weights: they must exist, fit the model parameter by
-    parameter, and embed every token id of the data (a padded vocabulary may be larger than the tokenizer)."""
-    source = run_specs(init_from, "TrainSpec.init_from must name a run directory (from train or import-hf)")
-    try:
-        theirs = ModelSpec.from_dict(source["model"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RunError(f"TrainSpec.init_from={init_from!r}: its spec.json holds no readable model spec "
-                       f"({exc})") from exc
-    if data_vocab > model_spec.vocab_size:
-        raise RunError(f"TrainSpec.init_from={init_from!r}: the data has {data_vocab} token ids but the model embeds "
-                       f"{model_spec.vocab_size}; tokenize with the run's own tokenizer (data.tokenizer="
-                       f"{source.get('data', {}).get('tokenizer', 'bytes')!r})")
-    with torch.device("meta"):
-        ours, start = LanguageModel(model_spec).state_dict(), LanguageModel(theirs).state_dict()
-
-    def shape(t: Any) -> str:
-        return "absent" if t is None else f"of shape {tuple(t.shape)}"
-
-    for name in sorted(ours.keys() | start.keys()):
-        a, b = ours.get(name), start.get(name)
-        if a is None or b is None or a.shape != b.shape:
-            raise RunError(f"TrainSpec.init_from={init_from!r}: parameter {name} is {shape(b)} there and "
-                           f"{shape(a)} in this model; fine-tuning keeps the architecture: drop the model changes "
-                           f"that alter shapes (its model spec is {init_from}/spec.json)")
 
 
 def train(model_spec: ModelSpec, train_spec: TrainSpec, data_spec: DataSpec, out_dir: str | os.PathLike, *,
