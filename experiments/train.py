@@ -459,6 +459,8 @@ def _loop(run: _Run, on_eval: Callable[[int, dict[str, Any]], None] | None, stop
             run.save()
             if on_eval is not None or run.world.size > 1:  # ranks other than 0 take rank 0's answer
                 stop = _answer(run.world, on_eval, done, run.last_eval)
+                if stop == "pruned" and (target_step is not None or done == total):
+                    stop = None  # its last evaluation: the run is complete, there is nothing left to save
                 if stop is not None:
                     status = stop
                     break

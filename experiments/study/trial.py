@@ -88,7 +88,7 @@ class TrialProcess:
         if summary is None:
             why = child.failure()
             return Outcome("failed", why if why.startswith("killed") else f"crashed: {why}")
-        if summary.status == "pruned" or "prune" in answers:
+        if summary.status == "pruned":  # a prune answered to its last evaluation leaves it complete
             return Outcome("pruned", "pruned", summary)
         if summary.status == "diverged":
             return Outcome("failed", f"diverged (non-finite loss at step {summary.final.get('diverged_at_step', '?')})",

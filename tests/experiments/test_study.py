@@ -227,6 +227,22 @@ def test_a_trial_process_ends_as_its_coordinator_answers(tmp_path, answer, state
     assert (tmp_path / "t" / "checkpoint.pt").exists()
 
 
+def test_a_prune_answered_to_the_last_evaluation_leaves_the_trial_complete(tmp_path):
+    """A pruner asked at a run's last evaluation (its step budget or target reached) has nothing left to
+    save: the trial is complete, with its result, not relabelled pruned."""
+    config = recipe(sampler={"kind": "grid"}).config_for({})
+    process = TrialProcess(config, tmp_path / "t", Isolation(threads=1, timeout=120, ignore_sigint=True))
+    asked = []
+
+    def on_eval(step, metrics):
+        asked.append(step)
+        return "continue" if step < 4 else "prune"
+
+    outcome = process.run(on_eval, threading.Event())
+    assert asked == [2, 4]
+    assert outcome.state == "complete" and outcome.summary.status == "completed" and outcome.summary.steps == 4
+
+
 def _count_complete(db: Path) -> int:
     """Read-only poll (opening an Optuna storage here could race the coordinator creating the schema)."""
     import sqlite3
