@@ -185,7 +185,7 @@ def test_files_exist_and_images_are_valid(corpus, task):
     corpus_figs = {n for n in corpus[1] if n.endswith(".png")}
     assert {"scaling_params.png", "scaling_flops.png", "learning_curves.png", "memory_time_vs_len.png",
             "decode_vs_context.png", "loss_vs_len.png", "history.png"} <= corpus_figs
-    assert "pareto" in corpus[1].skipped and "accuracy_vs_len" in corpus[1].skipped
+    assert {"pareto", "accuracy_vs_len", "recall_vs_state"} <= set(corpus[1].skipped)
     task_figs = {n for n in task[1] if n.endswith(".png")}
     assert {"pareto.png", "accuracy_vs_len.png", "history.png", "learning_curves.png"} <= task_figs
     assert "memory_time_vs_len" in task[1].skipped  # no measure data: skipped, not an error
@@ -390,7 +390,8 @@ def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
                     steps = (100 if lr == 0.01 else 300) if solved else None
                     summary = stored(final={"accuracy": acc, "by": {"seq_len": {seq: acc}}}, params=100 * d,
                                      layer_pattern="AA" if variant == "attention" else "MM",
-                                     target_reached_step=steps, model={"d_model": d, "n_layers": 2})
+                                     target_reached_step=steps, model={"d_model": d, "n_layers": 2},
+                                     state_bytes=4 * 2 * (2 * seq * d if variant == "attention" else 32 * d))
                     cfg = {"model": {"d_model": d}, "train": {"seq_len": seq, "lr": lr}}
                     study.add_trial(create_trial(
                         params={"variant": variant, "length": length, "model.d_model": d, "train.lr": lr},
@@ -408,6 +409,9 @@ def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = paths["accuracy_vs_width.svg"].read_text()
     assert "sequence length 64" in svg and "sequence length 256" in svg and "model dimension d_model" in svg
+    state = paths["recall_vs_state.svg"].read_text()  # Based's Figure 2: a panel per length, state on log axis
+    assert "sequence length 64" in state and "sequence length 256" in state and "recurrent state" in state
+    assert "recall_vs_state" not in paths.skipped
 
 
 def test_a_redone_trial_replaces_the_failed_one_in_the_table(tmp_path):

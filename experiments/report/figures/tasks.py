@@ -1,5 +1,5 @@
 """Synthetic-task figures: accuracy vs sequence length (extrapolation), and Zoology's Figure 2 layout,
-accuracy vs d_model with one panel per training length."""
+accuracy vs d_model with one panel per training length, and Based's Figure 2, accuracy vs recurrent state size."""
 
 from __future__ import annotations
 
@@ -79,4 +79,36 @@ def accuracy_vs_width(ctx: Context, canvas: Canvas) -> str | None:
     axes[0].set_ylabel("test accuracy (fraction correct)")
     legend(axes[-1], loc="lower right")
     canvas.save(fig, "accuracy_vs_width")
+    return None
+
+
+@figure("recall_vs_state", 85)
+def recall_vs_state(ctx: Context, canvas: Canvas) -> str | None:
+    """Based's Figure 2: test accuracy against the bytes of recurrent state a model carries while decoding
+    (its ``state_bytes`` at the training length, batch 1, in the model's dtype: 4 bytes × Σ layers' state
+    for float32; attention's is its KV cache at that length), one point per trial (the best of a sweep per
+    cell), one colour per family, one panel per training length."""
+    panels: dict[Any, list[tuple[str, float, float]]] = {}
+    for r in ctx.best:
+        summary = ctx.record(r).summary
+        if r["status"] != "complete" or r.get("accuracy") is None or summary is None or not summary.state_bytes:
+            continue
+        panels.setdefault(r.get("seq_len"), []).append((r["family"], float(summary.state_bytes), r["accuracy"]))
+    if not any(len(points) > 1 for points in panels.values()):
+        return "no two finished task trials with a recorded state_bytes at one training length"
+    keys = sorted(panels, key=lambda k: (k is None, k or 0))
+    fig, axes = canvas.new(ncols=len(keys), size=(7.5 if len(keys) == 1 else 4.2, 4.4))
+    for ax, key in zip(axes, keys, strict=True):
+        points = panels[key]
+        for fam in sorted({p[0] for p in points}, key=family_sort_key):
+            pts = sorted((b, a) for f, b, a in points if f == fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=canvas.colour(fam), marker=canvas.markers[fam],
+                    ms=6, lw=0.8, ls=":", label=fam)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("recurrent state (bytes, log scale)")
+        ax.set_title(f"sequence length {fmt_number(key)}" if key else "accuracy vs state size")
+    axes[0].set_ylabel("test accuracy (fraction correct)")
+    legend(axes[-1], loc="lower right")
+    canvas.save(fig, "recall_vs_state")
     return None
