@@ -6,7 +6,10 @@ values, e.g. ``attention`` vs ``mamba``) and further named axes of bundles (``[a
 ``T64 = {"train.seq_len" = 64, "data.options.num_kv_pairs" = 4}``), the objectives, constraints, sampler,
 pruner and budget, long-context ``[measure]``ments per trial, and per-scale overrides (``[scale.smoke]``,
 ``[scale.cpu]``, ``[scale.gpu]``: deep-merged over the rest, except that a scale's ``variants``, ``space`` or
-``axes.X`` replaces that whole set of choices). Every grid cell or range corner is built into specs first.
+``axes.X`` replaces that whole set of choices). A grid may leave cells out: ``exclude`` lists partial cells
+(``exclude = [{length = "T64", "model.d_model" = 256}]``, an axis by its bundle's name, a [space] field by its
+value), and every cell matching all of an entry's keys is skipped — typically under one scale, to fit that
+scale's budget. Every grid cell or range corner is built into specs first.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ SECTIONS: dict[str, tuple[str, ...] | None] = {
     "pruner": ("kind", "n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor", "percentile",
                "margin"),
     "budget": ("trials", "timeout_s"), "trial": ("timeout_s", "threads", "jobs", "nproc"), "measure": None,
-    "report": None,
+    "report": None, "exclude": None,
     "scale": SCALES,
 }
 MEASURES = {"memory": ("lengths", "mode", "batch", "of", "repeats"), "decode": ("contexts", "steps", "batch"),
@@ -291,6 +294,13 @@ def _axes(doc: dict[str, Any], space: tuple[Param, ...]) -> dict[str, dict[str, 
     return axes
 
 
+def _exclude(items: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(items, list) or not all(isinstance(e, dict) and e for e in items):
+        raise RecipeError(f"exclude = {items!r}: give a list of partial cells, e.g. "
+                          "exclude = [{length = \"T64\", \"model.d_model\" = 256}]")
+    return tuple(dict(e) for e in items)
+
+
 def _objectives(items: Any) -> tuple[tuple[str, str], ...]:
     items = [items] if isinstance(items, str) else items
     if not isinstance(items, list):
@@ -342,6 +352,7 @@ class Recipe:
     nproc: int = 1  # ranks of one trial (torchrun on the worker's machine; `experiments.distributed`)
     measure: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    exclude: tuple[dict[str, Any], ...] = ()  # partial grid cells left out
     source: str = ""
 
     @classmethod
@@ -388,7 +399,8 @@ class Recipe:
                      timeout_s=budget.get("timeout_s"), trial_timeout_s=float(trial.get("timeout_s", 3600)),
                      threads=trial.get("threads"), jobs=int(trial.get("jobs", 1)),
                      nproc=int(trial.get("nproc", 1)), measure=_measure(doc),
-                     report=dict(doc.get("report", {})), source=source)
+                     report=dict(doc.get("report", {})), exclude=_exclude(doc.get("exclude", [])),
+                     source=source)
         recipe.validate()
         return recipe
 
@@ -427,6 +439,7 @@ class Recipe:
                 raise RecipeError(f"grid mode needs lists of values; {', '.join(ranges)} are ranges")
         elif self.trials is None and self.timeout_s is None:
             raise RecipeError("budget: a sampled study needs budget.trials and/or budget.timeout_s")
+        self._check_exclude()
         kind = None
         for params in self.configs_to_validate():
             try:
@@ -448,9 +461,33 @@ class Recipe:
         return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*axes)][:64]
 
     def grid_cells(self) -> list[dict[str, Any]]:
+        """The grid's cells, in order, without the ``exclude``d ones."""
+        cells = self._all_cells()
+        return [c for c in cells if not any(all(c[k] == v for k, v in e.items()) for e in self.exclude)]
+
+    def _all_cells(self) -> list[dict[str, Any]]:
         axes = [(a, list(b)) for a, b in self.axes.items()] + [(p.path, list(p.choices)) for p in self.space]
         names = [a for a, _ in axes]
         return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
+
+    def _check_exclude(self) -> None:
+        if not self.exclude:
+            return
+        if not self.grid:
+            raise RecipeError("exclude leaves cells out of a grid; this recipe samples (sampler.kind="
+                              f"{self.sampler.get('kind', 'tpe')!r}): remove exclude or set sampler.kind = \"grid\"")
+        choices = {a: list(b) for a, b in self.axes.items()} | {p.path: list(p.choices or ()) for p in self.space}
+        for i, entry in enumerate(self.exclude):
+            for key, value in entry.items():
+                if key not in choices:
+                    raise RecipeError(f"exclude[{i}].{key}: not an axis or [space] field of this recipe "
+                                      f"(scale {self.scale}){did_you_mean(key, choices)}; valid: {', '.join(choices)}")
+                if value not in choices[key]:
+                    raise RecipeError(f"exclude[{i}].{key}={value!r}: not one of its values at scale {self.scale} "
+                                      f"({', '.join(map(repr, choices[key]))}); put the entry under that scale's "
+                                      "[scale.X] table if it belongs to one scale")
+        if not self.grid_cells():
+            raise RecipeError("exclude leaves no cell of the grid: nothing would run")
 
     def config_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """The ``{"model", "train", "data"}`` config of one trial's parameters."""

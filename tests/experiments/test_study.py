@@ -88,6 +88,43 @@ def test_scales_merge_over_the_base():
     assert r.base["train"]["steps"] == 2 and r.base["train"]["batch_size"] == 2
 
 
+def test_exclude_leaves_cells_out_of_the_grid_and_names_a_bad_entry():
+    """A grid's ``exclude`` drops every cell matching all of an entry's keys (an axis by bundle name, a space
+    field by value) — under one scale only when written there; a key or value that is not the recipe's own
+    is named with its valid choices, before anything runs."""
+    grid = {"sampler": {"kind": "grid"}, "axes": {"length": {"T8": {"train.seq_len": 8}, "T16": {"train.seq_len": 16}}},
+            "space": {"model.d_model": [16, 24]}}
+    r = recipe(**grid, exclude=[{"length": "T16", "model.d_model": 24}])
+    assert sorted((c["length"], c["model.d_model"]) for c in r.grid_cells()) == [("T16", 16), ("T8", 16), ("T8", 24)]
+    assert len(recipe(**grid, exclude=[{"model.d_model": 24}]).grid_cells()) == 2
+    scaled = recipe(**grid, scale={"cpu": {"exclude": [{"length": "T8"}]}})
+    assert [c["length"] for c in scaled.grid_cells()] == ["T16", "T16"]
+    raw = {**json.loads(json.dumps(TINY)), **grid, "name": "t", "scale": {"cpu": {"exclude": [{"length": "T8"}]}}}
+    assert len(Recipe.from_dict(raw, scale="smoke").grid_cells()) == 4  # another scale keeps every cell
+    with pytest.raises(RecipeError, match=r"exclude\[0\].lenght: not an axis.*did you mean 'length'"):
+        recipe(**grid, exclude=[{"lenght": "T16"}])
+    with pytest.raises(RecipeError, match=r"exclude\[1\].model.d_model=32: not one of its values.*16, 24"):
+        recipe(**grid, exclude=[{"length": "T8"}, {"model.d_model": 32}])
+    with pytest.raises(RecipeError, match="leaves no cell"):
+        recipe(**grid, exclude=[{"length": "T8"}, {"length": "T16"}])
+    with pytest.raises(RecipeError, match="exclude = .*give a list of partial cells"):
+        recipe(**grid, exclude={"length": "T8"})
+    with pytest.raises(RecipeError, match="exclude leaves cells out of a grid.*tpe"):
+        recipe(space={"model.d_model": [16, 24]}, budget={"trials": 2}, exclude=[{"model.d_model": 24}])
+
+
+def test_a_study_begun_before_exclude_existed_resumes(tmp_path):
+    r = recipe(sampler={"kind": "grid"})
+    StudyRunner(r, tmp_path).open()
+    saved = json.loads((tmp_path / "recipe.json").read_text())
+    del saved["exclude"]  # what an older mixerlab wrote
+    (tmp_path / "recipe.json").write_text(json.dumps(saved))
+    StudyRunner(r, tmp_path).open()  # not "a different recipe"
+    with pytest.raises(RecipeError, match="different recipe.*exclude"):
+        StudyRunner(recipe(sampler={"kind": "grid"}, space={"train.lr": [0.01, 0.02]},
+                           exclude=[{"train.lr": 0.02}]), tmp_path).open()
+
+
 @pytest.mark.parametrize("name", recipe_names())
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu"])
 def test_bundled_recipes_validate(name, scale):
