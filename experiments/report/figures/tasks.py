@@ -64,22 +64,31 @@ def accuracy_vs_width(ctx: Context, canvas: Canvas) -> str | None:
         panels.setdefault(r.get("seq_len"), []).append(r)
     if not any(len({r["d_model"] for r in members}) > 1 for members in panels.values()):
         return "no task trials at two or more d_model values"
+    points = {k: [(r["family"], r["d_model"], r["accuracy"]) for r in members] for k, members in panels.items()}
+    _accuracy_panels(canvas, "accuracy_vs_width", points, "model dimension d_model", "accuracy vs d_model",
+                     lambda ax, xs: length_axis(ax, xs), lw=1.8, ls="-")
+    return None
+
+
+def _accuracy_panels(canvas: Canvas, name: str, panels: dict[Any, list[tuple[str, float, float]]], xlabel: str,
+                     title: str, x_axis: Any, **line: Any) -> None:
+    """Test accuracy against ``x``: one panel per training length (``panels``: length -> (family, x,
+    accuracy) points), a line per family."""
     keys = sorted(panels, key=lambda k: (k is None, k or 0))
     fig, axes = canvas.new(ncols=len(keys), size=(7.5 if len(keys) == 1 else 4.2, 4.4))
     for ax, key in zip(axes, keys, strict=True):
-        members = panels[key]
-        for fam in sorted({r["family"] for r in members}, key=family_sort_key):
-            pts = sorted((r["d_model"], r["accuracy"]) for r in members if r["family"] == fam)
+        points = panels[key]
+        for fam in sorted({p[0] for p in points}, key=family_sort_key):
+            pts = sorted((x, a) for f, x, a in points if f == fam)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=canvas.colour(fam), marker=canvas.markers[fam],
-                    ms=6, lw=1.8, label=fam)
-        length_axis(ax, [r["d_model"] for r in members])
+                    ms=6, label=fam, **line)
+        x_axis(ax, [p[1] for p in points])
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("model dimension d_model")
-        ax.set_title(f"sequence length {fmt_number(key)}" if key else "accuracy vs d_model")
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"sequence length {fmt_number(key)}" if key else title)
     axes[0].set_ylabel("test accuracy (fraction correct)")
-    legend(axes[-1], loc="lower right")
-    canvas.save(fig, "accuracy_vs_width")
-    return None
+    legend(axes[-1], loc="best")  # the gated convolutions' points lie low, attention's high
+    canvas.save(fig, name)
 
 
 @figure("recall_vs_state", 85)
@@ -96,19 +105,6 @@ def recall_vs_state(ctx: Context, canvas: Canvas) -> str | None:
         panels.setdefault(r.get("seq_len"), []).append((r["family"], float(summary.state_bytes), r["accuracy"]))
     if not any(len(points) > 1 for points in panels.values()):
         return "no two finished task trials with a recorded state_bytes at one training length"
-    keys = sorted(panels, key=lambda k: (k is None, k or 0))
-    fig, axes = canvas.new(ncols=len(keys), size=(7.5 if len(keys) == 1 else 4.2, 4.4))
-    for ax, key in zip(axes, keys, strict=True):
-        points = panels[key]
-        for fam in sorted({p[0] for p in points}, key=family_sort_key):
-            pts = sorted((b, a) for f, b, a in points if f == fam)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=canvas.colour(fam), marker=canvas.markers[fam],
-                    ms=6, lw=0.8, ls=":", label=fam)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("recurrent state (bytes, log scale)")
-        ax.set_title(f"sequence length {fmt_number(key)}" if key else "accuracy vs state size")
-    axes[0].set_ylabel("test accuracy (fraction correct)")
-    legend(axes[-1], loc="lower right")
-    canvas.save(fig, "recall_vs_state")
+    _accuracy_panels(canvas, "recall_vs_state", panels, "recurrent state (bytes, log scale)", "accuracy vs state size",
+                     lambda ax, xs: ax.set_xscale("log", base=2), lw=0.8, ls=":")
     return None
