@@ -66,7 +66,7 @@ def accuracy_vs_width(ctx: Context, canvas: Canvas) -> str | None:
         return "no task trials at two or more d_model values"
     points = {k: [(r["family"], r["d_model"], r["accuracy"]) for r in members] for k, members in panels.items()}
     _accuracy_panels(canvas, "accuracy_vs_width", points, "model dimension d_model", "accuracy vs d_model",
-                     lambda ax, xs: length_axis(ax, xs), lw=1.8, ls="-")
+                     length_axis, lw=1.8, ls="-")
     return None
 
 
