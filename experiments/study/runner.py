@@ -75,10 +75,10 @@ class StudyRunner:
         path = self.out / "recipe.json"
         mine = self.recipe.to_dict()
         if path.exists():
-            theirs = json.loads(path.read_text())
+            # a field newer than the study: the study ran with its default
+            theirs = {**Recipe.defaults(), **json.loads(path.read_text())}
             for key in ("source", *_EXECUTION):  # not what the trials compute: a resume may change them
                 theirs.pop(key, None)
-            theirs.setdefault("exclude", [])  # a study begun before recipes could exclude cells excluded none
             mine = {k: v for k, v in mine.items() if k not in _EXECUTION and k != "source"}
             if theirs != mine:
                 changed = sorted(k for k in mine if theirs.get(k) != mine.get(k))

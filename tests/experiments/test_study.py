@@ -113,13 +113,19 @@ def test_exclude_leaves_cells_out_of_the_grid_and_names_a_bad_entry():
         recipe(space={"model.d_model": [16, 24]}, budget={"trials": 2}, exclude=[{"model.d_model": 24}])
 
 
-def test_a_study_begun_before_exclude_existed_resumes(tmp_path):
+def test_a_study_begun_before_a_recipe_field_existed_resumes(tmp_path):
+    """An older mixerlab wrote recipe.json without the fields added since: the study ran with their defaults."""
     r = recipe(sampler={"kind": "grid"})
     StudyRunner(r, tmp_path).open()
     saved = json.loads((tmp_path / "recipe.json").read_text())
-    del saved["exclude"]  # what an older mixerlab wrote
+    for newer in ("exclude", "report", "measure", "nproc"):
+        del saved[newer]
     (tmp_path / "recipe.json").write_text(json.dumps(saved))
     StudyRunner(r, tmp_path).open()  # not "a different recipe"
+    (tmp_path / "recipe.json").write_text(json.dumps({**saved, "report": {"best_over": ["train.lr"]}}))
+    with pytest.raises(RecipeError, match="different recipe.*report"):  # a field it did save still counts
+        StudyRunner(r, tmp_path).open()
+    (tmp_path / "recipe.json").write_text(json.dumps(saved))
     with pytest.raises(RecipeError, match="different recipe.*exclude"):
         StudyRunner(recipe(sampler={"kind": "grid"}, space={"train.lr": [0.01, 0.02]},
                            exclude=[{"train.lr": 0.02}]), tmp_path).open()
