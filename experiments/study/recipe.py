@@ -509,17 +509,6 @@ class Recipe:
             params[p.path] = p.suggest(trial)
         return params
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """The JSON form of every field that has a default: what a study saved before the field existed ran with."""
-        out = {}
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                out[f.name] = f.default_factory()
-        return json.loads(json.dumps(out))
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["space"] = [dataclasses.asdict(p) for p in self.space]

@@ -16,6 +16,7 @@ failed for a reason of its own, e.g. after fixing that reason; the failed trial 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -76,7 +77,7 @@ class StudyRunner:
         mine = self.recipe.to_dict()
         if path.exists():
             # a field newer than the study: the study ran with its default
-            theirs = {**Recipe.defaults(), **json.loads(path.read_text())}
+            theirs = {**_recipe_defaults(), **json.loads(path.read_text())}
             for key in ("source", *_EXECUTION):  # not what the trials compute: a resume may change them
                 theirs.pop(key, None)
             mine = {k: v for k, v in mine.items() if k not in _EXECUTION and k != "source"}
@@ -305,6 +306,14 @@ class StudyRunner:
 
 #: recipe fields that say how trials run, not what they compute (a resumed study may change them)
 _EXECUTION = ("jobs", "nproc")
+
+
+def _recipe_defaults() -> dict[str, Any]:
+    """The JSON form of every Recipe field that has a default."""
+    out = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+           for f in dataclasses.fields(Recipe)
+           if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return json.loads(json.dumps(out))
 
 
 def _sigterm_interrupts() -> Callable[[], None]:

@@ -65,9 +65,12 @@ def assert_close_curves(got, want, rtol=1e-5):
 
 
 def assert_close_weights(got, want):
+    """atol 1e-5: AdamW divides by sqrt(v), so where a rare token's gradient is near zero a reassociation-sized
+    difference in it moves that weight by a visible fraction of the step (measured: 1.3e-6 on one element of
+    the tied embedding after 20 steps, on another CPU model than the one that ran 1e-6 clean)."""
     assert got.keys() == want.keys()
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.fixture(scope="module")
