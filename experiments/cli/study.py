@@ -67,9 +67,10 @@ def _run_and_report(args: argparse.Namespace, create: bool = True) -> int:
         return 0
     runner = _runner(args)
     if create:
-        from experiments.study.estimate import estimate
+        from experiments.study.estimate import estimate, finished_cells
 
-        print(estimate(runner.recipe, runner.out, runner.jobs).describe(runner.recipe.study_name), flush=True)
+        done = finished_cells(runner.recipe, runner.storage_url)
+        print(estimate(runner.recipe, runner.out, runner.jobs, done).describe(runner.recipe.study_name), flush=True)
     try:
         counts = runner.run(create=create)
     except KeyboardInterrupt:
