@@ -98,7 +98,7 @@ def calibrate(configs: list[dict[str, Any]]) -> dict[str, Any]:
         p.data.prepare(p.model_spec)
         prepare = time.perf_counter() - t
         step = float(bench_model(p.model_spec.to_dict(), batch=train.batch_size, seq_len=p.data.seq_len,
-                                 mode="train", repeats=1, device=p.device.type)["time_s"])
+                                 mode="train", repeats=3, device=p.device.type)["time_s"])  # the median
         lm = LanguageModel(p.model_spec).to(p.device).eval()
         timed = []
         with torch.no_grad():

@@ -159,12 +159,15 @@ def stored(study: Any, number: int) -> Any:
 
 def take_waiting(study: Any) -> Any:
     """A queued trial taken with one atomic WAITING -> RUNNING update, or None when another worker took it
-    first. Unlike ``study.ask()``, losing the race never samples a new trial (a grid cell run twice)."""
+    first. Unlike ``study.ask()``, losing the race never samples a new trial (a grid cell run twice). Retries
+    come first, in the order they were queued (an interrupted trial continues from its checkpoint before a
+    new one starts), then the rest in theirs."""
     import optuna
     from optuna.trial import TrialState
 
     storage = study._storage
-    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    for t in sorted(waiting, key=lambda t: retried_trial(t) is None):  # stable: queue order within each
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 return optuna.trial.Trial(study, t._trial_id)
