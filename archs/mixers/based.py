@@ -8,13 +8,14 @@ per unordered pair (diagonal at ``1/√2``, off-diagonal pairs at 1): ``1 + d + 
 
 Options, parameter names, shapes and initialisation are those of flash-linear-attention's
 ``BasedLinearAttention`` (``hidden_size`` is ``d_model``; its default mode, ``parallel``, is what is matched).
-Backends: ``chunked`` and ``reference`` (`archs.ops.linear_recurrence`); the normaliser rides along as an extra
-value column of ones. Decoding keeps the ``(H, 1 + d + d(d+1)/2, d_v + 1)`` state: constant cost per token.
+Backends: ``chunked`` (`archs.ops.linear_recurrence.taylor_recurrence_chunked`: within a chunk the scores come
+from ``q·k`` itself, ``1 + s + s²/2``, not from the features) and ``reference`` (the recurrence over the
+features); the normaliser rides along as an extra value column of ones. Decoding keeps the
+``(H, 1 + d + d(d+1)/2, d_v + 1)`` state: constant cost per token.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,22 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from archs.mixers._recurrent import IMPLS, RecurrentCache, RecurrentMixer, check_choice, check_positive, split_heads
-from archs.ops.linear_recurrence import linear_recurrence_chunked, linear_recurrence_reference
+from archs.ops.linear_recurrence import linear_recurrence_reference, taylor_features, taylor_recurrence_chunked
 from registry import register_mixer
 
-__all__ = ["Based", "BasedOptions", "taylor_feature_map"]
+__all__ = ["Based", "BasedOptions"]
 
 
-def taylor_feature_map(x: Tensor) -> Tensor:
-    """``(..., d) -> (..., 1 + d + d(d+1)/2)``: the features whose dot products are ``1 + s + s²/2`` of
-    ``s = x·y / √d``."""
-    d = x.shape[-1]
-    xs = x / math.sqrt(math.sqrt(d))  # so that pairs of xs carry the 1/√d
-    # row i of the upper triangle, x_i · x_{i..d-1}, the diagonal term at 1/√2: slices and products (a gather
-    # by index, and its scatter in the backward pass, took a quarter of the layer's time)
-    rows = [xs[..., i: i + 1] * torch.cat([xs[..., i: i + 1] / math.sqrt(2), xs[..., i + 1:]], dim=-1)
-            for i in range(d)]
-    return torch.cat([torch.ones_like(x[..., :1]), xs, *rows], dim=-1)
+def _taylor_reference(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """The recurrence one token at a time over the Taylor features of raw ``q, k``."""
+    return linear_recurrence_reference(taylor_features(q), taylor_features(k), v, scale=1.0, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -89,15 +83,19 @@ class Based(RecurrentMixer):
 
     def _mix(self, x: Tensor, cache: RecurrentCache | None) -> Tensor:
         ct = torch.promote_types(x.dtype, torch.float32)
-        q = taylor_feature_map(split_heads(self.q_proj(x), self.head_k_dim).to(ct))  # (B, T, H, 1 + d + d(d+1)/2)
-        k = taylor_feature_map(split_heads(self.k_proj(x), self.head_k_dim).to(ct))
+        q = split_heads(self.q_proj(x), self.head_k_dim).to(ct)  # (B, T, H, d)
+        k = split_heads(self.k_proj(x), self.head_k_dim).to(ct)
         v = split_heads(self.v_proj(x), self.head_v_dim).to(ct)
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # the normaliser as one more value column
-        y = self._scan(linear_recurrence_chunked, linear_recurrence_reference, cache, q, k, v, scale=1.0)
+        y = self._scan(taylor_recurrence_chunked, _taylor_reference, cache, q, k, v)
         y = y[..., :-1] / (y[..., -1:] + 1e-6)
         return self.o_proj(y.flatten(-2).to(x.dtype))  # (B, T, D)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Projections, and the chunked recurrence over the expanded features (chunk ``min(chunk_size,
-        seq_len)``); the feature map's products not counted."""
-        return self._recurrence_flops(seq_len, self.num_heads, self.expanded_dim, self.head_v_dim + 1)
+        """Projections, and the chunked recurrence (chunk ``min(chunk_size, seq_len)``, counted dense): the
+        within-chunk scores from ``q·k`` over ``feature_dim``, scores · v, and the state in and out over the
+        expanded features; the feature map's products not counted."""
+        c = max(1, min(self.opts.chunk_size, seq_len))
+        dv = self.head_v_dim + 1
+        per_head = 2 * c * self.head_k_dim + 2 * c * dv + 2 * self.expanded_dim * dv * 2
+        return int(self._projection_flops() + self.num_heads * per_head)

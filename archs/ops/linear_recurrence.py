@@ -21,6 +21,12 @@ head; states ``(B, H, K, V)``. ``scale`` defaults to ``K ** -0.5``. Both functio
   memory. Scalar and fixed decays always use the ``(C, C)`` decay matrix per head. T is padded to a multiple
   of the chunk (padding has no input and no decay), so results do not depend on the chunk size beyond
   rounding. Memory is linear in T; the backward pass is autograd's through these matmuls.
+- `taylor_recurrence_chunked`: the undecayed recurrence of Based, over the 2nd-order Taylor features
+  ``φ(x) = [1, x / d^¼, (x ⊗ x) / (√2 · √d)]`` (one feature per unordered pair, diagonal at ``1/√2``) of raw
+  ``q, k: (B, T, H, d)``. Across chunks it is `linear_recurrence_chunked`'s state passing over the features;
+  within a chunk it uses ``φ(q)·φ(k) = 1 + s + s²/2`` with ``s = q·k / √d``: a ``(C, C)`` score from a
+  ``d``-wide product instead of a ``1 + d + d(d+1)/2``-wide one (153 for Based's ``d = 16``). Its reference
+  is `linear_recurrence_reference` of `taylor_features` of ``q`` and ``k``, with ``scale=1``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["check_qkv", "linear_recurrence_chunked", "linear_recurrence_reference", "scalar_decays"]
+__all__ = ["check_qkv", "linear_recurrence_chunked", "linear_recurrence_reference", "scalar_decays",
+           "taylor_features", "taylor_recurrence_chunked"]
 
 #: the factored form is used while a chunk's total per-channel decay stays above exp(-_FACTORED_SPAN)
 _FACTORED_SPAN = 80.0
@@ -195,6 +202,42 @@ def linear_recurrence_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None 
             states.append(state)
             state = d_c * state + u_c
         entering = torch.stack(states, dim=2)  # (B, H, N, K, V)
+    o = q_in @ entering + scores @ vc  # (B, H, N, C, V)
+    o = o.movedim(1, 3).reshape(b, n * c, h, vd)[:, :t]
+    return o.to(v.dtype), (state if output_final_state else None)
+
+
+def taylor_features(x: Tensor) -> Tensor:
+    """``(..., d) -> (..., 1 + d + d(d+1)/2)``: the features whose dot products are ``1 + s + s²/2`` of
+    ``s = x·y / √d``."""
+    d = x.shape[-1]
+    xs = x / math.sqrt(math.sqrt(d))  # so that pairs of xs carry the 1/√d
+    # row i of the upper triangle, x_i · x_{i..d-1}, the diagonal term at 1/√2: slices and products (a gather
+    # by index, and its scatter in the backward pass, took a quarter of the layer's time)
+    rows = [xs[..., i: i + 1] * torch.cat([xs[..., i: i + 1] / math.sqrt(2), xs[..., i + 1:]], dim=-1)
+            for i in range(d)]
+    return torch.cat([torch.ones_like(x[..., :1]), xs, *rows], dim=-1)
+
+
+def taylor_recurrence_chunked(q: Tensor, k: Tensor, v: Tensor, *, initial_state: Tensor | None = None,
+                              output_final_state: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+    """Based's recurrence from raw ``q, k: (B, T, H, d)`` (see the module docstring); the state is over the
+    features, ``(B, H, 1 + d + d(d+1)/2, V)``. Equal to `linear_recurrence_reference` of the features."""
+    b, t, h, d = check_qkv(q, k, v, None)[:4]
+    kd, vd = 1 + d + d * (d + 1) // 2, v.shape[-1]
+    if initial_state is not None and initial_state.shape != (b, h, kd, vd):
+        raise ValueError(f"initial_state must be (batch, nheads, 1 + d + d(d+1)/2, head_v_dim) = {(b, h, kd, vd)}, "
+                         f"got {tuple(initial_state.shape)}")
+    qc, kc, vc, c, n, ct, causal = _chunked_inputs(q, k, v, 1.0, chunk_size)  # raw q, k: (B, H, N, C, d)
+    s = (qc @ kc.transpose(-1, -2)) * d ** -0.5  # (B, H, N, C, C)
+    scores = (1.0 + s + 0.5 * s * s).masked_fill_(~causal, 0.0)
+    # the features made in the chunks' layout (contiguous for the matmuls); a padded key's features meet a
+    # zero value, so padding adds nothing to the state
+    q_in, k_out = taylor_features(qc), taylor_features(kc)  # (B, H, N, C, F)
+    updates = k_out.transpose(-1, -2) @ vc  # (B, H, N, F, V)
+    state = _initial_state(initial_state, (b, h, kd, vd), q.device, ct)
+    entering = torch.cat([state[:, :, None], updates[:, :, :-1]], dim=2).cumsum(2)  # (B, H, N, F, V)
+    state = entering[:, :, -1] + updates[:, :, -1]
     o = q_in @ entering + scores @ vc  # (B, H, N, C, V)
     o = o.movedim(1, 3).reshape(b, n * c, h, vd)[:, :t]
     return o.to(v.dtype), (state if output_final_state else None)

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from archs.ops.delta_rule import delta_rule_chunked, delta_rule_reference
-from archs.ops.linear_recurrence import linear_recurrence_chunked, linear_recurrence_reference
+from archs.ops.linear_recurrence import (
+    linear_recurrence_chunked,
+    linear_recurrence_reference,
+    taylor_features,
+    taylor_recurrence_chunked,
+)
 
 B, H, K, V = 2, 3, 20, 12
 LENGTHS = [1, 7, 63, 257, 1000]
@@ -78,6 +83,30 @@ def test_delta_rule_chunked_equals_reference(t, chunk, strength, gated):
     if gated:
         inputs["g"] = F.logsigmoid(torch.randn(B, t, H)) * strength
     compare(delta_rule_reference, delta_rule_chunked, inputs, chunk)
+
+
+def _taylor_reference(q, k, v, **kw):
+    return linear_recurrence_reference(taylor_features(q), taylor_features(k), v, scale=1.0, **kw)
+
+
+@pytest.mark.parametrize(("t", "chunk", "scale"), CASES, ids=[i.replace("-g", "-x") for i in IDS])
+@pytest.mark.parametrize("d", [16, 5])
+def test_taylor_recurrence_chunked_equals_reference(t, chunk, scale, d):
+    """Based's recurrence: within a chunk 1 + s + s²/2 of s = q·k/√d, not the features' product; q and k
+    small (the linear term leads), unit, or large (the square leads)."""
+    torch.manual_seed(t + d)
+    features = 1 + d + d * (d + 1) // 2
+    inputs = {"q": torch.randn(B, t, H, d) * scale, "k": torch.randn(B, t, H, d), "v": torch.randn(B, t, H, V),
+              "initial_state": torch.randn(B, H, features, V)}
+    compare(_taylor_reference, taylor_recurrence_chunked, inputs, chunk)
+
+
+def test_taylor_features_dot_products_are_the_taylor_kernel():
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 16, dtype=torch.float64), torch.randn(7, 16, dtype=torch.float64)
+    s = (x * y).sum(-1) / 4.0
+    assert torch.allclose((taylor_features(x) * taylor_features(y)).sum(-1), 1 + s + s * s / 2)
+    assert taylor_features(x).shape[-1] == 1 + 16 + 16 * 17 // 2
 
 
 @pytest.mark.parametrize("fn", [linear_recurrence_chunked, delta_rule_chunked])
