@@ -20,6 +20,9 @@ def test_reproduce_smoke(name, tmp_path, capsys):
     first = text.splitlines()[0]
     assert first.startswith(f"{recipe.study_name}: {len(recipe.grid_cells())} trials, 2 at a time; estimated ")
     assert "evaluations and start-up timed for" in first and (out / "estimate.json").exists()
+    (timed,) = json.loads((out / "estimate.json").read_text()).values()  # one (jobs, threads) context
+    parts = ("step_s", "eval_s", "final_eval_s", "prepare_s", "startup_s")
+    assert all(all(shape[p] > 0 for p in parts) for shape in timed.values()), timed
     rows = list(csv.DictReader((out / "table.csv").open()))
     cells = len(recipe.grid_cells())
     sweep = recipe.report.get("best_over", [])
