@@ -20,16 +20,17 @@ PLUGIN_SRC = Path(__file__).parent / "plugins" / "toymix"
 
 
 def install_plugin(target: Path) -> None:
-    """pip-install the toy plugin distribution into ``target`` (no network, no build isolation)."""
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-           "--no-index", "--target", str(target), str(PLUGIN_SRC)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    """pip-install the toy plugin distribution into ``target`` (no network, no build isolation), built from a
+    private copy of its source: the build leaves files beside the source, and pytest-xdist's workers each
+    install it at once."""
+    with tempfile.TemporaryDirectory(prefix="mixerlab-plugin-src-") as tmp:
+        src = Path(tmp) / PLUGIN_SRC.name
+        shutil.copytree(PLUGIN_SRC, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+               "--no-index", "--target", str(target), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"installing the test plugin failed:\n{proc.stdout}\n{proc.stderr}")
-    for leftover in ("build",):
-        shutil.rmtree(PLUGIN_SRC / leftover, ignore_errors=True)
-    for egg in PLUGIN_SRC.glob("*.egg-info"):
-        shutil.rmtree(egg, ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     MIXERS.refresh_plugins()
     torch.set_flush_denormal(True)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one core each: the workers share the machine's cores
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
