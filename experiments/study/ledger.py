@@ -65,16 +65,23 @@ class TrialRecord:
         return max(self.intermediate) if self.intermediate else None
 
 
+# Every path of ours stores a reason before it fails a trial; Optuna's stale-heartbeat check (`fail_stale`) fails
+# it with none, and a finished trial takes no attribute afterwards, so the reason is read as this.
+STALE_REASON = "its worker died or hung: its heartbeat went stale (found by Optuna's heartbeat check)"
+
+
 def read_trial(trial: Any) -> TrialRecord:
     """The `TrialRecord` of an Optuna FrozenTrial (any storage, any version of mixerlab that wrote it)."""
     attrs = trial.user_attrs
     summary = trial.user_attrs.get("summary")  # SUMMARY: the one place a stored summary is read
+    state = _STATES.get(trial.state.name, trial.state.name.lower())
+    reason = attrs.get(FAIL_REASON) or (STALE_REASON if state == "failed" else None)
     return TrialRecord(
-        number=trial.number, state=_STATES.get(trial.state.name, trial.state.name.lower()),
+        number=trial.number, state=state,
         params=dict(trial.params or trial.system_attrs.get("fixed_params", {})),
         values=list(trial.values) if trial.values is not None else None, config=attrs.get(CONFIG) or {},
         summary=TrialSummary.from_json(summary, attrs.get(MEASURE)) if summary else None,
-        fail_reason=attrs.get(FAIL_REASON), failed_final=bool(attrs.get(FINAL)), retry_of=retried_trial(trial),
+        fail_reason=reason, failed_final=bool(attrs.get(FINAL)), retry_of=retried_trial(trial),
         resumed_from=attrs.get(RESUMED_FROM), worker=attrs.get(WORKER), datetime_start=trial.datetime_start,
         datetime_complete=trial.datetime_complete, intermediate=dict(trial.intermediate_values))
 
