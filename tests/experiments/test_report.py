@@ -414,6 +414,28 @@ def test_zoology_layout_accuracy_vs_width_per_length(tmp_path):
     assert "recall_vs_state" not in paths.skipped
 
 
+def test_the_accuracy_panels_legend_every_family_of_every_panel(tmp_path):
+    """A family that has run at one length only (a study in progress) is in the legend, which the last panel
+    holds, as well as the families of that panel."""
+    study = optuna.create_study(study_name="part", storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize"])
+    study.set_metric_names(["accuracy"])
+    dist = {"variant": CategoricalDistribution(["attention", "hyena"]),
+            "length": CategoricalDistribution(["T64", "T256"]), "model.d_model": CategoricalDistribution([32, 64])}
+    cells = [("attention", "T64", 64), ("attention", "T256", 256), ("hyena", "T64", 64)]  # no hyena at T256 yet
+    for variant, length, seq in cells:
+        for d in (32, 64):
+            summary = stored(final={"accuracy": 0.5, "by": {"seq_len": {seq: 0.5}}}, params=100 * d,
+                             layer_pattern="AA" if variant == "attention" else "YY",
+                             model={"d_model": d, "n_layers": 2}, state_bytes=4 * d * seq)
+            study.add_trial(create_trial(params={"variant": variant, "length": length, "model.d_model": d},
+                                         distributions=dist, value=0.5,
+                                         user_attrs={**summary, "config": {"train": {"seq_len": seq}}}))
+    paths = write_report(study, tmp_path / "out", recipe_info={"name": "part"})
+    for name in ("accuracy_vs_width", "recall_vs_state"):
+        svg = paths[f"{name}.svg"].read_text()
+        assert svg.count(">hyena<") == 1 and svg.count(">attention<") == 1, name  # one legend, both families
+
+
 def test_a_redone_trial_replaces_the_failed_one_in_the_table(tmp_path):
     study = optuna.create_study(study_name="redo", storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize"])
     study.set_metric_names(["accuracy"])
