@@ -24,8 +24,8 @@ from typing import Any, BinaryIO
 from experiments.errors import RunError
 from experiments.metrics import ALIASES
 
-__all__ = ["STATUSES", "TrialSummary", "atomic_write", "available_bytes", "check_init_from", "load_run", "load_weights",
-           "machine_info", "run_specs", "save_torch", "write_json", "write_text"]
+__all__ = ["STATUSES", "TrialSummary", "atomic_write", "available_bytes", "check_init_from", "curve_point", "load_run",
+           "load_weights", "machine_info", "run_specs", "save_torch", "write_json", "write_text"]
 
 #: how a run ended: every step done (or the target accuracy reached); a non-finite loss; stopped by a pruner;
 #: stopped by Ctrl-C, SIGTERM or a lost coordinator (resumable); stopped on purpose at ``stop_at``
@@ -36,6 +36,25 @@ STATUSES = ("completed", "diverged", "pruned", "interrupted", "stopped")
 SCOPE_STEPS, SCOPE_TRIAL = "training steps", "whole trial"
 _MACHINE_KEYS = ("cpu", "torch", "cuda_device", "torch_threads")
 _MAX_BY_CHARS = 4000  # per-slice accuracies bigger than this stay in summary.json, out of the study
+
+
+def curve_point(step: int, tokens: int, metrics: dict[str, Any], seq_len: int | None) -> dict[str, Any]:
+    """One point of a run's learning curve: the step, the tokens seen and the evaluation's scalar metrics.
+
+    Every evaluation during training measures the test slices at the training length ``seq_len``; the final
+    one of an extrapolation task measures every length too. Its point keeps the curve on the training length
+    (``accuracy`` from its ``by.seq_len``, the same slices pooled the same way) and carries the all-lengths
+    figures as ``accuracy_all_lengths`` and ``exact_match_all_lengths``, so a curve does not drop at its end
+    because the last evaluation measured something else."""
+    point = {"step": step, "tokens": tokens, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    lengths = (metrics.get("by") or {}).get("seq_len") or {}
+    at_train = next((v for k, v in lengths.items() if str(k) == str(seq_len)), None)
+    if len(lengths) > 1 and isinstance(at_train, (int, float)):
+        for key in ("accuracy", "exact_match"):
+            if key in point:
+                point[f"{key}_all_lengths"] = point.pop(key)
+        point["accuracy"] = at_train
+    return point
 
 
 @dataclass
@@ -123,6 +142,14 @@ class TrialSummary:
         for key in ("final", "backends", "machine", "measure"):
             if values.get(key) is None:
                 values.pop(key, None)
+        evals, final = list(values.get("evals") or []), values.get("final") or {}
+        if evals and "accuracy_all_lengths" not in evals[-1] and evals[-1].get("step") == values.get("steps"):
+            # written before curve_point: the last point was the final all-lengths evaluation's mean
+            last = evals[-1]
+            metrics = {k: v for k, v in last.items() if k not in ("step", "tokens")}
+            evals[-1] = curve_point(last["step"], last.get("tokens", 0), {**metrics, "by": final.get("by")},
+                                    (values.get("train") or {}).get("seq_len"))
+            values["evals"] = evals
         values.setdefault("status", "unknown")
         return cls(**values)
 

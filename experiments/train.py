@@ -45,6 +45,7 @@ from experiments.runs import (
     TrialSummary,
     available_bytes,
     check_init_from,
+    curve_point,
     load_weights,
     machine_info,
     save_torch,
@@ -490,13 +491,13 @@ def _evaluate(run: _Run, log: Any, done: int, tokens_per_step: int) -> int | Non
     total = run.spec.total_steps
     run.last_eval = run.evaluate(final=done == total)
     _log(log, {"event": "eval", "step": done, **run.last_eval})
-    run.evals.append(_eval_record(done, done * tokens_per_step, run.last_eval))
+    run.evals.append(curve_point(done, done * tokens_per_step, run.last_eval, run.data.seq_len))
     target_step = _target_reached(run.spec, run.evals)
     if target_step is not None:
         if done != total:  # this is the end: evaluate every slice, as at the last step
             run.last_eval = run.evaluate(final=True)
             _log(log, {"event": "eval", "step": done, **run.last_eval})
-            run.evals[-1] = _eval_record(done, done * tokens_per_step, run.last_eval)
+            run.evals[-1] = curve_point(done, done * tokens_per_step, run.last_eval, run.data.seq_len)
         run.evals[-1]["target_reached"] = True
     return target_step
 
@@ -520,11 +521,6 @@ def _summary(run: _Run, status: str, model_spec: ModelSpec, specs: dict[str, Any
         task=(described.get("task") or {}).get("task"), layer_pattern=model_spec.layer_pattern,
         distributed=run.world.describe(run.spec.grad_accum) if run.world.size > 1 else None,
         model=specs["model"], train=specs["train"], data=specs["data"], dataset=described, machine=machine_info())
-
-
-def _eval_record(step: int, tokens: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    """One entry of the eval curve: the step, tokens seen and the evaluation's scalar metrics."""
-    return {"step": step, "tokens": tokens, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
 def _target_reached(spec: TrainSpec, evals: list[dict[str, Any]]) -> int | None:

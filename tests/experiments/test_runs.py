@@ -13,7 +13,7 @@ import pytest
 from experiments.child import ChildProcess, Isolation, run_isolated
 from experiments.errors import MeasureError
 from experiments.report import write_report
-from experiments.runs import SCOPE_STEPS, SCOPE_TRIAL, TrialSummary
+from experiments.runs import SCOPE_STEPS, SCOPE_TRIAL, TrialSummary, curve_point
 from experiments.study import Recipe, read_trials
 
 COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "recipes"
@@ -43,6 +43,29 @@ def test_summaries_of_earlier_versions_read_with_their_meaning():
     s = TrialSummary.from_json(old)
     assert s.peak_memory_mib == 272.9 and s.memory_scope == SCOPE_TRIAL  # measured over the whole trial
     assert s.corpus_hash == "212ab5172957" and s.unigram_bpb == 4.81
+
+
+def test_a_final_evaluation_over_several_lengths_keeps_the_learning_curve_on_the_training_length():
+    """The last evaluation of an extrapolation task measures 1x-4x; its curve point is the training length's
+    accuracy, like every point before it, with the all-lengths figures beside it — and a summary written
+    before that (its last point the all-lengths mean) reads the same way."""
+    final = {"accuracy": 0.4, "exact_match": 0.25, "by": {"seq_len": {256: 0.9, 512: 0.2, 1024: 0.1}}}
+    point = curve_point(3000, 10**6, final, seq_len=256)
+    assert point == {"step": 3000, "tokens": 10**6, "accuracy": 0.9, "accuracy_all_lengths": 0.4,
+                     "exact_match_all_lengths": 0.25}
+    one_length = {"accuracy": 0.7, "exact_match": 0.5, "by": {"seq_len": {256: 0.7}}}
+    assert curve_point(500, 10, one_length, seq_len=256) == {"step": 500, "tokens": 10, "accuracy": 0.7,
+                                                             "exact_match": 0.5}
+    old = {"status": "completed", "steps": 3000, "train": {"seq_len": 256},
+           "final": json.loads(json.dumps(final)),  # as stored: the lengths are strings
+           "evals": [{"step": 2500, "tokens": 8 * 10**5, "accuracy": 0.8, "exact_match": 0.75},
+                     {"step": 3000, "tokens": 10**6, "accuracy": 0.4, "exact_match": 0.25}]}
+    s = TrialSummary.from_json(old)
+    assert [e["accuracy"] for e in s.evals] == [0.8, 0.9] and s.evals[-1]["accuracy_all_lengths"] == 0.4
+    assert s.value("accuracy") == 0.4  # the trial's objective is still the mean over every length
+    assert TrialSummary.from_json(s.to_json()).evals == s.evals
+    stopped = {**old, "steps": 2700}  # an interrupted run: its last point is not the final evaluation
+    assert TrialSummary.from_json(stopped).evals == old["evals"]
 
 
 @pytest.mark.parametrize("db", sorted(COMMITTED.glob("*/study.sqlite")), ids=lambda p: p.parent.name)

@@ -158,6 +158,25 @@ def test_target_accuracy_ends_a_task_run_once_reached(tmp_path, monkeypatch):
     assert no_target.steps == 40 and no_target.target_reached_step is None
 
 
+def test_the_last_evaluation_over_several_lengths_is_read_at_the_training_length(tmp_path, monkeypatch):
+    """An extrapolation task's final evaluation measures every test length: the target (and the learning
+    curve) read its training-length accuracy, as at every evaluation before; the trial's accuracy is the
+    mean over the lengths."""
+    from experiments.data.training import TaskData
+
+    def scripted(self, model, device, final=True):  # 0.5 at the training length until the last evaluation
+        if not final:
+            return {"accuracy": 0.5, "exact_match": 0.0, "by": {"seq_len": {16: 0.5}}}
+        return {"accuracy": 0.55, "exact_match": 0.0, "by": {"seq_len": {16: 0.95, 32: 0.15}}}
+
+    monkeypatch.setattr(TaskData, "evaluate", scripted)
+    spec = TrainSpec(steps=8, batch_size=2, seq_len=16, eval_interval=4, warmup_steps=1, target_accuracy=0.9)
+    s = train(MODEL, spec, DataSpec(task="induction", options={"test_multipliers": [1, 2]}), tmp_path,
+              progress=False)
+    assert [e["accuracy"] for e in s.evals] == [0.5, 0.95] and s.evals[-1]["accuracy_all_lengths"] == 0.55
+    assert s.target_reached_step == 8 and s.final["accuracy"] == 0.55
+
+
 def test_target_accuracy_needs_a_task(tmp_path):
     with pytest.raises(RunError, match="target_accuracy"):
         TrainSpec(target_accuracy=1.5)
