@@ -175,10 +175,19 @@ def length_axis(ax: Any, lengths: Iterable[float], axis: str = "x") -> None:
         target.set_minor_locator(NullLocator())
 
 
-def legend(ax: Any, **kwargs: Any) -> None:
+def legend(ax: Any, sources: Sequence[Any] | None = None, order: Any = None, **kwargs: Any) -> None:
+    """``ax``'s legend in the figures' style. ``sources``: the panels whose entries it holds instead of its own,
+    one per label (sorted by ``order``), so that one legend names what every panel draws."""
     handles, labels = ax.get_legend_handles_labels()
+    if sources is not None:
+        shown: dict[str, Any] = {}
+        for source in sources:
+            for handle, label in zip(*source.get_legend_handles_labels(), strict=True):
+                shown.setdefault(label, handle)
+        labels = sorted(shown, key=order) if order else list(shown)
+        handles = [shown[k] for k in labels]
     if handles:
-        ax.legend(fontsize="small", framealpha=0.85, **kwargs)
+        ax.legend(handles, labels, fontsize="small", framealpha=0.85, **kwargs)
 
 
 def log_if_wide(ax: Any, axis: str, values: Sequence[float]) -> None:

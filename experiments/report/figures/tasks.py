@@ -87,12 +87,7 @@ def _accuracy_panels(canvas: Canvas, name: str, panels: dict[Any, list[tuple[str
         ax.set_xlabel(xlabel)
         ax.set_title(f"sequence length {fmt_number(key)}" if key else title)
     axes[0].set_ylabel("test accuracy (fraction correct)")
-    shown: dict[str, Any] = {}  # every family of every panel, in the last panel's legend (a family may miss a length)
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            shown.setdefault(label, handle)
-    labels = sorted(shown, key=family_sort_key)
-    axes[-1].legend([shown[k] for k in labels], labels, loc="best", fontsize="small", framealpha=0.85)
+    legend(axes[-1], sources=axes, order=family_sort_key, loc="best")  # every panel's families: one may miss a length
     canvas.save(fig, name)
 
 
