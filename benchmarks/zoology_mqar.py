@@ -2,20 +2,22 @@
 and trainer, to find which difference from Zoology's runs keeps our gated convolutions on the 1 / (kv pairs)
 plateau (README, "Multi-query associative recall").
 
-    python -m benchmarks.zoology_mqar --vocab 8192 --layers 2 --minutes 38     # one line per epoch on stdout
-    python -m benchmarks.zoology_mqar --vocab 256 --layers 4 --minutes 32
+    python -m benchmarks.zoology_mqar --vocab 256 --layers 2 --minutes 12     # one line per epoch on stdout
+    python -m benchmarks.zoology_mqar --vocab 8192 --layers 2 --filter hyena --weight-decay 0.01  # as first run
 
 Written from reading HazyResearch/zoology (model.py, mixers/base_conv.py, mixers/convolution.py, train.py and
 the Figure 2 configuration as committed with the figure, 2024-01-11): pre-norm LayerNorm blocks whose Identity
 "state mixer" returns norm2 of the stream, which the next block adds to it; embedding dropout 0.1; tied
 embeddings; every Linear and the embedding N(0, 0.02) with zero biases; BaseConv ``conv(u) * proj(u) + u`` with
-the convolution on the block's input (kernel 3, or the implicit long filter: an order-16 MLP of three inputs
-with sine activations and two inner layers, times an exponential decay, plus a unit skip), kernels alternating
-3, -1 over the layers; AdamW (weight decay 0.01) with a cosine schedule over the epochs, no warm-up, no
-clipping; a fixed training set reshuffled every epoch, batch 512, and 3000 test sequences. The data is
-mixerlab's MQAR generator (Zoology's layout) with filler between the queries, as Figure 2 sets it; the
-training and test sets are drawn from seeds 1234 and 99. Logits are
-computed only at the query positions, which gives the same loss as the full LM head with ignored targets.
+the convolution on the block's input (kernel 3, or the implicit long filter: a ReLU MLP 3 -> 16 -> d of the
+position's features, no window, plus a unit skip), kernels alternating 3, -1 over the layers; AdamW (weight
+decay 0.1, TrainConfig's default) with a cosine schedule over the epochs, no warm-up, no clipping; a fixed
+training set reshuffled every epoch, batch 512, and 3000 test sequences. The data is mixerlab's MQAR generator
+(Zoology's layout) with filler between the queries, as Figure 2 sets it; the training and test sets are drawn
+from seeds 1234 and 99. Logits are computed only at the query positions, which gives the same loss as the full
+LM head with ignored targets. The probe was first written with Hyena's filter for BaseConv's long convolution
+(sine MLP, decay window — what mixerlab's `base_conv` uses) and weight decay 0.01; ``--filter hyena
+--weight-decay 0.01`` runs it that way.
 """
 
 from __future__ import annotations
@@ -41,20 +43,33 @@ class _Sin(nn.Module):
 
 
 class _ImplicitLongConv(nn.Module):
-    """y = h * u + u, h(t) = MLP(t, cos, sin) * exp(-|delta| t), t in [0, 1] over l_max positions."""
+    """y = h * u + u with h(t) = MLP(t, cos, sin) over l_max positions, t in [0, 1].
 
-    def __init__(self, d: int, l_max: int, order: int = 16, inner: int = 2):
+    filter="zoology": Zoology's own BaseConv filter (mixers/convolution.py, ImplicitLongConvolution): Linear(3, 16),
+    ReLU, Linear(16, d), no window. filter="hyena": Hyena's filter, which this probe first gave BaseConv by mistake
+    (and mixerlab's `base_conv` still uses): an order-16 MLP with sine activations and two inner layers, times an
+    exponential decay exp(-|delta| t) per channel.
+    """
+
+    def __init__(self, d: int, l_max: int, filter: str = "zoology", order: int = 16, inner: int = 2):
         super().__init__()
         t = torch.linspace(0, 1, l_max)[:, None]
         w = 2 * math.pi * torch.arange(l_max, dtype=torch.float32)[:, None] / l_max
         self.register_buffer("z", torch.cat([t, torch.cos(1e-4 * w), -torch.sin(1e-4 * w)], -1))  # (L, 3)
         self.register_buffer("t", t)
-        layers: list[nn.Module] = [nn.Linear(3, order), _Sin(order)]
-        for _ in range(inner):
-            layers += [nn.Linear(order, order), _Sin(order)]
-        layers.append(nn.Linear(order, d, bias=False))
-        self.mlp = nn.Sequential(*layers)
-        self.register_buffer("decay", torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, d).abs())
+        if filter == "zoology":
+            self.mlp = nn.Sequential(nn.Linear(3, order), nn.ReLU(), nn.Linear(order, d))
+            decay = torch.zeros(d)
+        elif filter == "hyena":
+            layers: list[nn.Module] = [nn.Linear(3, order), _Sin(order)]
+            for _ in range(inner):
+                layers += [nn.Linear(order, order), _Sin(order)]
+            layers.append(nn.Linear(order, d, bias=False))
+            self.mlp = nn.Sequential(*layers)
+            decay = torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, d).abs()
+        else:
+            raise ValueError(f"filter must be 'zoology' or 'hyena', got {filter!r}")
+        self.register_buffer("decay", decay)
 
     def forward(self, u):  # (B, L, D)
         n, L = 2 * u.shape[1], u.shape[1]
@@ -64,11 +79,11 @@ class _ImplicitLongConv(nn.Module):
 
 
 class _BaseConv(nn.Module):
-    def __init__(self, d: int, kernel: int, l_max: int):
+    def __init__(self, d: int, kernel: int, l_max: int, filter: str = "zoology"):
         super().__init__()
         self.proj = nn.Linear(d, d)
         self.kernel = kernel
-        self.conv = _ImplicitLongConv(d, l_max) if kernel == -1 else nn.Conv1d(d, d, kernel, groups=d,
+        self.conv = _ImplicitLongConv(d, l_max, filter) if kernel == -1 else nn.Conv1d(d, d, kernel, groups=d,
                                                                                padding=kernel - 1)
 
     def forward(self, u):
@@ -79,10 +94,11 @@ class _BaseConv(nn.Module):
 
 
 class ZoologyLM(nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, l_max: int, embed_dropout: float = 0.1):
+    def __init__(self, vocab: int, d: int, layers: int, l_max: int, embed_dropout: float = 0.1,
+                 filter: str = "zoology"):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.mixers = nn.ModuleList([_BaseConv(d, 3 if i % 2 == 0 else -1, l_max) for i in range(layers)])
+        self.mixers = nn.ModuleList([_BaseConv(d, 3 if i % 2 == 0 else -1, l_max, filter) for i in range(layers)])
         self.norm1 = nn.ModuleList([nn.LayerNorm(d) for _ in range(layers)])
         self.norm2 = nn.ModuleList([nn.LayerNorm(d) for _ in range(layers)])
         self.norm_f = nn.LayerNorm(d)
@@ -122,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--train-examples", type=int, default=100_000)
     p.add_argument("--epochs", type=int, default=64)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="Zoology's TrainConfig default")
+    p.add_argument("--filter", choices=("zoology", "hyena"), default="zoology",
+                   help="BaseConv's long filter: Zoology's (ReLU MLP, no window) or Hyena's (sine MLP, decay)")
     p.add_argument("--minutes", type=float, default=math.inf, help="stop after the epoch that passes this")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 test_seq_lens=[a.seq_len], test_num_kv_pairs=[a.kv_pairs])
     x_train, y_train = _examples(task, a.train_examples, seed=1234)
     x_test, y_test = _examples(task, 3000, seed=99)
-    model = ZoologyLM(a.vocab, a.d_model, a.layers, a.seq_len)
+    model = ZoologyLM(a.vocab, a.d_model, a.layers, a.seq_len, filter=a.filter)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs, eta_min=0.0)
     steps = math.ceil(a.train_examples / a.batch)

@@ -6,7 +6,9 @@ gated convolution, the simplest of the gated-convolution family,
 with ``conv`` a causal depthwise convolution of ``kernel_size`` taps (short, Zoology's default 3) or, with
 ``implicit_long_conv=True`` (or ``kernel_size=-1``, Zoology's spelling), an implicit long filter spanning
 the whole sequence (`ImplicitFilter`, positions normalised by ``l_max``; longer sequences extend it) applied
-by FFT convolution, plus a per-channel skip.
+by FFT convolution, plus a per-channel skip. ``long_filter`` picks the filter: ``"hyena"`` (the default until
+now: Hyena's sine MLP under a decaying window) or ``"zoology"`` (Zoology's own: a ReLU MLP of the position,
+no window; with ``filter_order=16`` it is the one Zoology's BaseConv builds).
 
 Decoding: the short convolution keeps its last ``kernel_size − 1`` inputs (O(1)); the long filter has no
 finite state, so the cache keeps every input and each step convolves over them (O(T) per token), and
@@ -38,6 +40,7 @@ class BaseConvOptions:
     l_max: int = 1024  # the long filter's position scale (training length)
     filter_order: int = 64  # width of the long filter's MLP
     filter_emb_dim: int = 3  # positional features: time and (emb_dim - 1) / 2 cos/sin pairs
+    long_filter: str = "hyena"  # "hyena": sine MLP, decaying window | "zoology": ReLU MLP, no window
     conv: str = "auto"  # long filter: "auto" (= "fft") | "fft" | "reference"
 
     CONVS = ("auto", "fft", "reference")
@@ -51,6 +54,8 @@ class BaseConvOptions:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.conv not in self.CONVS:
             raise ValueError(f"conv must be one of {self.CONVS}, got {self.conv!r}")
+        if self.long_filter not in ImplicitFilter.KINDS:
+            raise ValueError(f"long_filter must be one of {ImplicitFilter.KINDS}, got {self.long_filter!r}")
 
     @property
     def long(self) -> bool:
@@ -78,7 +83,7 @@ class BaseConv(Mixer):
         self.in_proj = nn.Linear(d_model, d_model)
         if opts.long:
             self.filter = ImplicitFilter(d_model, order=opts.filter_order, emb_dim=opts.filter_emb_dim,
-                                         l_max=opts.l_max)
+                                         l_max=opts.l_max, kind=opts.long_filter)
             self.bias = nn.Parameter(torch.randn(d_model))  # the per-channel skip of the long convolution
         else:
             self.conv_weight = nn.Parameter(torch.empty(d_model, opts.kernel_size))

@@ -4,14 +4,16 @@ reports one line per epoch."""
 
 import re
 
+import pytest
 import torch
 
 from benchmarks.zoology_mqar import ZoologyLM, _ImplicitLongConv, main
 
 
-def test_the_fft_long_convolution_is_the_causal_convolution_plus_its_skip():
+@pytest.mark.parametrize("filter", ["zoology", "hyena"])
+def test_the_fft_long_convolution_is_the_causal_convolution_plus_its_skip(filter):
     torch.manual_seed(0)
-    conv = _ImplicitLongConv(d=5, l_max=13)
+    conv = _ImplicitLongConv(d=5, l_max=13, filter=filter)
     for p in conv.mlp.parameters():  # a filter of order one, not the near-zero one of the 0.02 init
         torch.nn.init.normal_(p, std=1.0)
     u = torch.randn(3, 11, 5, dtype=torch.float64)
@@ -19,6 +21,18 @@ def test_the_fft_long_convolution_is_the_causal_convolution_plus_its_skip():
     h = conv.mlp(conv.z[:11]) * torch.exp(-conv.t[:11] * conv.decay)  # (L, D)
     direct = torch.stack([sum(h[s] * u[:, t - s] for s in range(t + 1)) for t in range(11)], dim=1)
     torch.testing.assert_close(conv(u), direct + u)
+
+
+def test_zoologys_filter_is_a_relu_mlp_of_the_position_without_a_window():
+    """Zoology's BaseConv filter (its ImplicitLongConvolution): Linear(3, 16), ReLU, Linear(16, d), nothing
+    decaying it with the lag, unlike Hyena's."""
+    conv = _ImplicitLongConv(d=4, l_max=8, filter="zoology")
+    assert [type(m) for m in conv.mlp] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert conv.mlp[0].in_features == 3 and conv.mlp[2].out_features == 4
+    assert torch.count_nonzero(conv.decay) == 0
+    assert torch.all(_ImplicitLongConv(d=4, l_max=8, filter="hyena").decay > 0)
+    with pytest.raises(ValueError, match="filter must be"):
+        _ImplicitLongConv(d=4, l_max=8, filter="sine")
 
 
 def test_outputs_do_not_see_the_future_and_query_logits_are_the_lm_heads():

@@ -29,6 +29,8 @@ CASES = [
     ("hyena", {"order": 3, "filter_order": 16, "emb_dim": 5, "l_max": 32}, {"conv": "reference"}),
     ("base_conv", {"implicit_long_conv": True, "l_max": 64}, {"conv": "reference"}),
     ("base_conv", {"kernel_size": -1, "filter_order": 8}, {"conv": "reference"}),
+    ("base_conv", {"kernel_size": -1, "long_filter": "zoology", "filter_order": 16, "l_max": 64},
+     {"conv": "reference"}),
     ("rg_lru", {}, {"scan": "reference"}),
     ("rg_lru", {"num_heads": 4, "lru_width": 48, "chunk_size": 8, "conv_width": 3}, {"scan": "reference"}),
 ]
@@ -166,6 +168,26 @@ def test_hyena_filter_extends_past_l_max():
         cache = m.init_cache(1, 48)
         outs = [m.step(x[:, t: t + 1], cache) for t in range(48)]
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_base_conv_zoology_filter_is_a_relu_mlp_of_the_position_without_a_window():
+    """Zoology's BaseConv filter: Linear(3, order), ReLU, Linear(order, d), nothing decaying it with the lag — a
+    filter whose MLP outputs a constant stays that constant at every lag, where Hyena's window shrinks it."""
+    zoo, hyena = (build("base_conv", {"kernel_size": -1, "long_filter": k, "filter_order": 16, "l_max": 64})
+                  for k in ("zoology", "hyena"))
+    assert [type(m) for m in zoo.filter.ffn] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert zoo.filter.ffn[0].out_features == 16 and zoo.filter.ffn[2].out_features == D
+    for m in (zoo, hyena):
+        with torch.no_grad():
+            last = m.filter.ffn[-1]
+            last.weight.zero_()
+            if last.bias is not None:
+                last.bias.fill_(0.5)
+    k = zoo.filter(256)
+    torch.testing.assert_close(k, torch.full((D, 256), 0.5))
+    assert zoo.filter.flops() < hyena.filter.flops()
+    with pytest.raises(ValueError, match=r"long_filter must be one of \('hyena', 'zoology'\), got 'relu'"):
+        build("base_conv", {"kernel_size": -1, "long_filter": "relu"})
 
 
 @pytest.mark.parametrize("name", ["s4d", "h3", "hyena", "rg_lru", "mamba"])
