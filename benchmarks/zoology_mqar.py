@@ -16,7 +16,7 @@ training set reshuffled every epoch, batch 512, and 3000 test sequences. The dat
 (Zoology's layout) with filler between the queries, as Figure 2 sets it; the training and test sets are drawn
 from seeds 1234 and 99. Logits are computed only at the query positions, which gives the same loss as the full
 LM head with ignored targets. The probe was first written with Hyena's filter for BaseConv's long convolution
-(sine MLP, decay window — what mixerlab's `base_conv` uses) and weight decay 0.01; ``--filter hyena
+(sine MLP, decay window — mixerlab's `base_conv` default) and weight decay 0.01; ``--filter hyena
 --weight-decay 0.01`` runs it that way.
 """
 
@@ -30,16 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archs.mixers._filters import Sin
 from experiments.tasks.mqar import MQAR
-
-
-class _Sin(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.freq = nn.Parameter(torch.ones(1, n))
-
-    def forward(self, x):
-        return torch.sin(self.freq * x)
 
 
 class _ImplicitLongConv(nn.Module):
@@ -47,7 +39,7 @@ class _ImplicitLongConv(nn.Module):
 
     filter="zoology": Zoology's own BaseConv filter (mixers/convolution.py, ImplicitLongConvolution): Linear(3, 16),
     ReLU, Linear(16, d), no window. filter="hyena": Hyena's filter, which this probe first gave BaseConv by mistake
-    (and mixerlab's `base_conv` still uses): an order-16 MLP with sine activations and two inner layers, times an
+    (and mixerlab's `base_conv` uses by default): an order-16 MLP with sine activations and two inner layers, times an
     exponential decay exp(-|delta| t) per channel.
     """
 
@@ -61,9 +53,9 @@ class _ImplicitLongConv(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(3, order), nn.ReLU(), nn.Linear(order, d))
             decay = torch.zeros(d)
         elif filter == "hyena":
-            layers: list[nn.Module] = [nn.Linear(3, order), _Sin(order)]
+            layers: list[nn.Module] = [nn.Linear(3, order), Sin(order)]
             for _ in range(inner):
-                layers += [nn.Linear(order, order), _Sin(order)]
+                layers += [nn.Linear(order, order), Sin(order)]
             layers.append(nn.Linear(order, d, bias=False))
             self.mlp = nn.Sequential(*layers)
             decay = torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, d).abs()

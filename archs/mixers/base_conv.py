@@ -6,8 +6,8 @@ gated convolution, the simplest of the gated-convolution family,
 with ``conv`` a causal depthwise convolution of ``kernel_size`` taps (short, Zoology's default 3) or, with
 ``implicit_long_conv=True`` (or ``kernel_size=-1``, Zoology's spelling), an implicit long filter spanning
 the whole sequence (`ImplicitFilter`, positions normalised by ``l_max``; longer sequences extend it) applied
-by FFT convolution, plus a per-channel skip. ``long_filter`` picks the filter: ``"hyena"`` (the default until
-now: Hyena's sine MLP under a decaying window) or ``"zoology"`` (Zoology's own: a ReLU MLP of the position,
+by FFT convolution, plus a per-channel skip. ``long_filter`` picks the filter: ``"hyena"`` (the default:
+Hyena's sine MLP under a decaying window) or ``"zoology"`` (Zoology's own: a ReLU MLP of the position,
 no window; with ``filter_order=16`` it is the one Zoology's BaseConv builds).
 
 Decoding: the short convolution keeps its last ``kernel_size − 1`` inputs (O(1)); the long filter has no
