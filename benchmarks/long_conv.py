@@ -7,8 +7,9 @@ beside `mamba` and `attention` at the same width, and against Hugging Face's RG-
 One layer at d_model 256, batch 4, fp32, forward+backward, 2 threads; every case (layer x path x length)
 runs in a fresh process (`experiments.child.run_isolated`). Layers and paths:
 
-- ``s4d``, ``h3``, ``hyena``, ``base_conv/long`` (the implicit long filter): ``fast`` is the FFT long
-  convolution (`archs.ops.long_conv`), ``reference`` the direct O(T^2) convolution (option ``conv``);
+- ``s4d``, ``h3``, ``hyena``, ``base_conv/long`` (the implicit long filter, Zoology's — the default since
+  2026-12-07), ``base_conv/long-hyena`` (the same with Hyena's filter, the default before): ``fast`` is the FFT
+  long convolution (`archs.ops.long_conv`), ``reference`` the direct O(T^2) convolution (option ``conv``);
   Hyena's and BaseConv's filters take ``l_max`` = T (the training length);
 - ``base_conv`` (kernel 3): one path, a short depthwise convolution;
 - ``rg_lru``: ``fast`` is the chunked parallel scan (`archs.ops.diagonal_recurrence`), ``reference`` the
@@ -42,6 +43,7 @@ LAYERS: dict[str, tuple[str, dict[str, Any], str | None, bool]] = {
     "hyena": ("hyena", {}, "conv", True),
     "base_conv": ("base_conv", {}, None, False),
     "base_conv/long": ("base_conv", {"implicit_long_conv": True}, "conv", True),
+    "base_conv/long-hyena": ("base_conv", {"implicit_long_conv": True, "long_filter": "hyena"}, "conv", True),
     "rg_lru": ("rg_lru", {}, "scan", False),
     "mamba": ("mamba", {}, None, False),
     "attention": ("attention", {"impl": "sdpa"}, None, False),
@@ -155,9 +157,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"One layer, d_model {D_MODEL}, batch {BATCH}, fp32, forward+backward, each case in a fresh process; time "
         "is the median of the repeats (one repeat for the references at T = 2048); memory is peak RSS above a "
-        "post-warm-up baseline. `fast`: FFT long convolution (s4d, h3, hyena, base_conv/long) or chunked scan "
-        "(rg_lru); `reference`: the direct O(T^2) convolution or the per-token loop. `vs mamba` = our mamba's "
-        "time / this row's (above 1: faster than mamba).",
+        "post-warm-up baseline. `fast`: FFT long convolution (s4d, h3, hyena, base_conv/long, "
+        "base_conv/long-hyena) or chunked scan (rg_lru); `reference`: the direct O(T^2) convolution or the "
+        "per-token loop. `vs mamba` = our mamba's time / this row's (above 1: faster than mamba).",
         "",
         "| layer | path | " + " | ".join(f"T={t} (s)" for t in meta["lengths"]) + " | "
         + " | ".join(f"T={t} (MiB)" for t in meta["lengths"]) + f" | vs mamba (T={meta['lengths'][-1]}) |",

@@ -16,8 +16,8 @@ training set reshuffled every epoch, batch 512, and 3000 test sequences. The dat
 (Zoology's layout) with filler between the queries, as Figure 2 sets it; the training and test sets are drawn
 from seeds 1234 and 99. Logits are computed only at the query positions, which gives the same loss as the full
 LM head with ignored targets. The probe was first written with Hyena's filter for BaseConv's long convolution
-(sine MLP, decay window — mixerlab's `base_conv` default) and weight decay 0.01; ``--filter hyena
---weight-decay 0.01`` runs it that way.
+(sine MLP, decay window — as mixerlab's `base_conv` had by default until 2026-12-07) and weight decay 0.01;
+``--filter hyena --weight-decay 0.01`` runs it that way.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class _ImplicitLongConv(nn.Module):
 
     filter="zoology": Zoology's own BaseConv filter (mixers/convolution.py, ImplicitLongConvolution): Linear(3, 16),
     ReLU, Linear(16, d), no window. filter="hyena": Hyena's filter, which this probe first gave BaseConv by mistake
-    (and mixerlab's `base_conv` uses by default): an order-16 MLP with sine activations and two inner layers, times an
-    exponential decay exp(-|delta| t) per channel.
+    (mixerlab's `base_conv` had it by default until 2026-12-07, 64 wide with one inner layer): an order-16 MLP with
+    sine activations and two inner layers, times an exponential decay exp(-|delta| t) per channel.
     """
 
     def __init__(self, d: int, l_max: int, filter: str = "zoology", order: int = 16, inner: int = 2):

@@ -6,9 +6,10 @@ gated convolution, the simplest of the gated-convolution family,
 with ``conv`` a causal depthwise convolution of ``kernel_size`` taps (short, Zoology's default 3) or, with
 ``implicit_long_conv=True`` (or ``kernel_size=-1``, Zoology's spelling), an implicit long filter spanning
 the whole sequence (`ImplicitFilter`, positions normalised by ``l_max``; longer sequences extend it) applied
-by FFT convolution, plus a per-channel skip. ``long_filter`` picks the filter: ``"hyena"`` (the default:
-Hyena's sine MLP under a decaying window) or ``"zoology"`` (Zoology's own: a ReLU MLP of the position,
-no window; with ``filter_order=16`` it is the one Zoology's BaseConv builds).
+by FFT convolution, plus a per-channel skip. ``long_filter`` picks the filter: ``"zoology"`` (the default,
+Zoology's own ``ImplicitLongConvolution``: a ReLU MLP of the position, 3 → ``filter_order`` (16) → d_model,
+no window) or ``"hyena"`` (Hyena's sine MLP under a decaying window, ``filter_order`` 64 — what
+``base_conv`` built before 2026-12-07, and what the committed MQAR study's BaseConv rows ran with).
 
 Decoding: the short convolution keeps its last ``kernel_size − 1`` inputs (O(1)); the long filter has no
 finite state, so the cache keeps every input and each step convolves over them (O(T) per token), and
@@ -38,14 +39,20 @@ class BaseConvOptions:
     kernel_size: int = 3  # taps of the short convolution; -1: the implicit long filter
     implicit_long_conv: bool = False  # the implicit long filter instead of the short convolution
     l_max: int = 1024  # the long filter's position scale (training length)
-    filter_order: int = 64  # width of the long filter's MLP
+    filter_order: int | None = None  # width of the long filter's MLP; None: 16 ("zoology"), 64 ("hyena")
     filter_emb_dim: int = 3  # positional features: time and (emb_dim - 1) / 2 cos/sin pairs
-    long_filter: str = "hyena"  # "hyena": sine MLP, decaying window | "zoology": ReLU MLP, no window
+    long_filter: str = "zoology"  # "zoology": ReLU MLP, no window | "hyena": sine MLP, decaying window
     conv: str = "auto"  # long filter: "auto" (= "fft") | "fft" | "reference"
 
     CONVS = ("auto", "fft", "reference")
 
+    FILTER_ORDERS = {"zoology": 16, "hyena": 64}
+
     def __post_init__(self) -> None:
+        if self.long_filter not in ImplicitFilter.KINDS:
+            raise ValueError(f"long_filter must be one of {ImplicitFilter.KINDS}, got {self.long_filter!r}")
+        if self.filter_order is None:
+            object.__setattr__(self, "filter_order", self.FILTER_ORDERS[self.long_filter])
         if not isinstance(self.kernel_size, int) or (self.kernel_size < 1 and self.kernel_size != -1):
             raise ValueError(f"kernel_size must be a positive int or -1 (implicit long filter), "
                              f"got {self.kernel_size!r}")
@@ -54,8 +61,6 @@ class BaseConvOptions:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.conv not in self.CONVS:
             raise ValueError(f"conv must be one of {self.CONVS}, got {self.conv!r}")
-        if self.long_filter not in ImplicitFilter.KINDS:
-            raise ValueError(f"long_filter must be one of {ImplicitFilter.KINDS}, got {self.long_filter!r}")
 
     @property
     def long(self) -> bool:

@@ -28,8 +28,8 @@ CASES = [
     ("hyena", {}, {"conv": "reference"}),
     ("hyena", {"order": 3, "filter_order": 16, "emb_dim": 5, "l_max": 32}, {"conv": "reference"}),
     ("base_conv", {"implicit_long_conv": True, "l_max": 64}, {"conv": "reference"}),
-    ("base_conv", {"kernel_size": -1, "filter_order": 8}, {"conv": "reference"}),
-    ("base_conv", {"kernel_size": -1, "long_filter": "zoology", "filter_order": 16, "l_max": 64},
+    ("base_conv", {"kernel_size": -1, "long_filter": "hyena", "filter_order": 8}, {"conv": "reference"}),
+    ("base_conv", {"kernel_size": -1, "long_filter": "zoology", "filter_order": 8, "filter_emb_dim": 5, "l_max": 32},
      {"conv": "reference"}),
     ("rg_lru", {}, {"scan": "reference"}),
     ("rg_lru", {"num_heads": 4, "lru_width": 48, "chunk_size": 8, "conv_width": 3}, {"scan": "reference"}),
@@ -171,12 +171,15 @@ def test_hyena_filter_extends_past_l_max():
 
 
 def test_base_conv_zoology_filter_is_a_relu_mlp_of_the_position_without_a_window():
-    """Zoology's BaseConv filter: Linear(3, order), ReLU, Linear(order, d), nothing decaying it with the lag — a
-    filter whose MLP outputs a constant stays that constant at every lag, where Hyena's window shrinks it."""
-    zoo, hyena = (build("base_conv", {"kernel_size": -1, "long_filter": k, "filter_order": 16, "l_max": 64})
-                  for k in ("zoology", "hyena"))
+    """Zoology's BaseConv filter (the default): Linear(3, 16), ReLU, Linear(16, d), nothing decaying it with the
+    lag — a filter whose MLP outputs a constant stays that constant at every lag, where Hyena's window shrinks
+    it. Hyena's filter stays one option away, with its own default width (64)."""
+    zoo, hyena = (build("base_conv", {"kernel_size": -1, "l_max": 64, **extra})
+                  for extra in ({}, {"long_filter": "hyena"}))
+    assert (zoo.opts.long_filter, zoo.opts.filter_order, hyena.opts.filter_order) == ("zoology", 16, 64)
     assert [type(m) for m in zoo.filter.ffn] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
     assert zoo.filter.ffn[0].out_features == 16 and zoo.filter.ffn[2].out_features == D
+    assert hyena.filter.ffn[0].out_features == 64 and hyena.filter.deltas.min() > 0
     with torch.no_grad():
         zoo.filter.ffn[-1].weight.zero_()
         zoo.filter.ffn[-1].bias.fill_(0.5)
