@@ -58,15 +58,13 @@ class ImplicitFilter(nn.Module):
         self.channels, self.emb_dim, self.l_max, self.kind = channels, emb_dim, l_max, kind
         bands = (emb_dim - 1) // 2
         self.register_buffer("bands", torch.linspace(1e-4, bands - 1, bands), persistent=False)
-        if kind == "zoology":
+        if kind == "zoology":  # no window: nothing to decay by
             self.ffn = nn.Sequential(nn.Linear(emb_dim, order), nn.ReLU(), nn.Linear(order, channels))
-            deltas = torch.zeros(channels)
         else:
             self.ffn = nn.Sequential(nn.Linear(emb_dim, order), Sin(order, w), nn.Linear(order, order),
                                      Sin(order, w), nn.Linear(order, channels, bias=False))
             max_decay, min_decay = math.log(target) / fast_decay, math.log(target) / slow_decay
-            deltas = torch.linspace(min_decay, max_decay, channels).abs()
-        self.register_buffer("deltas", deltas, persistent=False)
+            self.register_buffer("deltas", torch.linspace(min_decay, max_decay, channels).abs(), persistent=False)
 
     def features(self, length: int, device: torch.device | None = None) -> Tensor:
         """``z(t)`` for ``t = 0 .. length-1``: ``(length, emb_dim)``."""
@@ -77,12 +75,14 @@ class ImplicitFilter(nn.Module):
 
     def forward(self, length: int) -> Tensor:
         """The filters, ``(channels, length)``, fp32 (fp64 for a float64 module)."""
-        device = self.deltas.device
+        device = self.bands.device
         z = self.features(length, device)
         ct = torch.promote_types(self.ffn[0].weight.dtype, torch.float32)
         h = self.ffn(z.to(self.ffn[0].weight.dtype)).to(ct)  # (L, channels)
-        t = torch.arange(length, device=device, dtype=ct)[:, None] / self.l_max
-        return (h * torch.exp(-t * self.deltas)).t()
+        if self.kind == "hyena":
+            t = torch.arange(length, device=device, dtype=ct)[:, None] / self.l_max
+            h = h * torch.exp(-t * self.deltas)
+        return h.t()
 
     def flops(self) -> int:
         """FLOPs per position of the filter MLP and window (computed once per forward, per position)."""
